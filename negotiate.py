@@ -27,6 +27,7 @@ callable or model from emodistill.py.
 from __future__ import annotations
 
 import functools
+import http.client
 import json
 import math
 import os
@@ -443,8 +444,9 @@ def _parse_offer(t, unit):
     return max(bare)[1] if bare else None
 
 
-_ACCEPT = re.compile(r"\b(?:i|we)\s+(?:(?:can|will|do)\s+)?(?:accept|agree)\b|\bit'?s a deal\b|\bwe have a deal\b|"
-                     r"\byou have a deal\b|\bdeal\b[.!]|\bagreed\b|^\s*(?:okay|ok|fine|all right)[,.!]?\s+\S+.*\bworks\b")
+_ACCEPT = re.compile(r"\b(?:i|we)\s+(?:(?:can|will|do)\s+)?(?:accept|agree)\b|\bit'?s a deal\b|\b(?:we|you) have a deal\b|"
+                     r"\bdeal\b[.!]|^\s*deal\b|\bagreed\b|(?:days?|weeks?|months?|minutes?|hours?|[ap]\.?m\.?)\s+it is\b|\b(?:that )?works for me\b|\bthat works\b|"
+                     r"\bfine with me\b|\block (?:that|it) in\b")
 _NEG = re.compile(r"\b(?:not|n't|never|cannot|can't|won't|no)\s+(?:\w+\s+)?(?:accept|agree|deal|work)")
 _WALK = re.compile(r"\bwalk(?:ing)? away\b|\bi'?m done\b|\bi am done\b|\bend this\b|\bgoodbye\b|\bno deal\b")
 
@@ -807,9 +809,10 @@ class LMAgent:
             enc = self.tok([texts[i] for i in idx], return_tensors="pt", padding=True,
                            add_special_tokens=False).to(dev)
             t0 = time.time()
+            sampling = (dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+                        if self.temperature > 0 else dict(do_sample=False))
             with torch.inference_mode():
-                gen = self.model.generate(**enc, do_sample=self.temperature > 0, temperature=self.temperature,
-                                          top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                gen = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens,
                                           pad_token_id=self.tok.pad_token_id)
             self.gen_seconds += time.time() - t0
             new = gen[:, enc["input_ids"].shape[1]:]
@@ -854,20 +857,27 @@ class ApiAgent:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last = None
-        for attempt in range(self.retries + 1):
+        last, attempt = None, 0
+        for attempt in range(max(0, self.retries) + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 req = urllib.request.Request(url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     data = json.loads(resp.read().decode())
-                return str(data["choices"][0]["message"]["content"])
+                content = data["choices"][0]["message"]["content"]
+                if not isinstance(content, str):
+                    raise TypeError(f"message content is {type(content).__name__}, not text")
+                return content
             except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code} {e.reason}"
+                try:
+                    detail = e.read().decode(errors="replace").strip()[:200]
+                except (OSError, http.client.HTTPException):
+                    detail = ""
+                last = f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
                 if e.code != 429 and e.code < 500:
                     break  # a client error (bad key, bad model) will not improve with retries
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (json.JSONDecodeError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
                 last = f"malformed response ({type(e).__name__}: {e})"
