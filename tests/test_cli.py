@@ -1,0 +1,152 @@
+"""Smoke and fault tests of the collect -> judge -> summary stages and of input validation."""
+import json
+import os
+import shutil
+
+import pytest
+
+import emodistill
+import negotiate as ng
+from conftest import DOMAINS_FILE
+
+SMALL = ["--scenarios", "0-4", "--seeds-per-scenario", "2", "--batch-size", "8"]
+
+
+def run(*argv):
+    return emodistill.main(list(argv))
+
+
+def test_collect_judge_summary_smoke(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("collect", "--out", out, *SMALL) == 0
+    recs, bad = emodistill.read_jsonl(os.path.join(out, "corpus.jsonl"))
+    assert len(recs) == 4 * 5 * 2 and not bad
+    assert len({r["key"] for r in recs}) == len(recs)
+    r = recs[0]
+    for k in ("domain", "scenario_id", "seed", "persona", "turns", "outcome"):
+        assert k in r
+    focal = [t for t in r["turns"] if t["speaker"] == "focal"]
+    assert all(t["emotion"] in ng.EMOTIONS and t["perceived"] in ng.EMOTIONS for t in focal)
+    assert all("offer" in t and "text" in t for t in r["turns"])
+    assert run("judge", "--out", out) == 0
+    judged, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
+    assert [j["key"] for j in judged] == [r["key"] for r in recs]
+    for j in judged:
+        for t in j["turns"]:
+            assert ("score" in t) == (t["speaker"] == "focal")
+    assert run("summary", "--out", out) == 0
+    assert "| all | 40 |" in capsys.readouterr().out
+    # re-running skips finished stages
+    assert run("collect", "--out", out, *SMALL) == 0
+    assert "skipping" in capsys.readouterr().out
+
+
+def test_same_seed_gives_byte_identical_corpus_and_resume_matches(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    assert run("collect", "--out", a, *SMALL) == 0
+    assert run("collect", "--out", b, *SMALL) == 0
+    ca = open(os.path.join(a, "corpus.jsonl"), "rb").read()
+    assert ca == open(os.path.join(b, "corpus.jsonl"), "rb").read()
+    # an interrupted run: the partial file holds some whole lines and half a line
+    os.makedirs(c)
+    lines = ca.split(b"\n")
+    with open(os.path.join(c, "corpus.jsonl.partial"), "wb") as f:
+        f.write(b"\n".join(lines[:13]) + b"\n" + lines[13][:50])
+    shutil.copy(os.path.join(a, "collect.json"), os.path.join(c, "collect.json"))
+    assert run("collect", "--out", c, *SMALL) == 0
+    assert open(os.path.join(c, "corpus.jsonl"), "rb").read() == ca
+    # another seed gives another corpus
+    d = str(tmp_path / "d")
+    assert run("collect", "--out", d, *SMALL, "--seed", "1") == 0
+    assert open(os.path.join(d, "corpus.jsonl"), "rb").read() != ca
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("collect", "--out", out, *SMALL) == 0
+    os.replace(os.path.join(out, "corpus.jsonl"), os.path.join(out, "corpus.jsonl.partial"))
+    assert run("collect", "--out", out, *SMALL, "--seed", "3") == 2
+    assert "other settings" in capsys.readouterr().err
+    assert os.path.exists(os.path.join(out, "corpus.jsonl.partial"))   # nothing lost
+    assert run("collect", "--out", out, *SMALL, "--seed", "3", "--force") == 0
+
+
+def test_corrupt_corpus_line_is_named_or_skipped(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("collect", "--out", out, *SMALL) == 0
+    path = os.path.join(out, "corpus.jsonl")
+    lines = open(path).read().splitlines()
+    lines[6] = lines[6][: len(lines[6]) // 2]           # truncated record
+    lines[9] = json.dumps({"key": "x"})                 # record missing fields
+    open(path, "w").write("\n".join(lines) + "\n")
+    assert run("judge", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "line 7" in err and "corrupt" in err
+    assert not os.path.exists(os.path.join(out, "judged.jsonl"))
+    assert run("judge", "--out", out, "--on-bad-line", "skip") == 0
+    assert "skipped 2 corrupt line(s)" in capsys.readouterr().out
+    judged, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
+    assert len(judged) == len(lines) - 2
+
+
+def test_bad_arguments_are_named(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("collect", "--out", out, "--domains", "crad,mars") == 2
+    assert "unknown domain 'mars'" in capsys.readouterr().err
+    assert run("collect", "--out", out, "--emotions", "anger,smugness") == 2
+    assert "unknown emotion 'smugness'" in capsys.readouterr().err
+    assert run("judge", "--out", str(tmp_path / "nothing")) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def _broken_yaml(tmp_path, edit):
+    import yaml
+    raw = yaml.safe_load(open(DOMAINS_FILE))
+    edit(raw)
+    p = tmp_path / "domains.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return str(p)
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda r: r["domains"]["crad"]["teacher"].pop("offers"), ["domain 'crad'", "offers"]),
+    (lambda r: r["domains"]["hospital"].__setitem__("unit", 5), ["domain 'hospital'", "unit"]),
+    (lambda r: r["domains"]["student"].__setitem__("unit", "parsecs"), ["domain 'student'", "unit"]),
+    (lambda r: r["domains"]["disaster"]["scenario"].__setitem__("s0", [60, 60]), ["domain 'disaster'", "s0", "empty range"]),
+    (lambda r: r["domains"]["crad"]["counterparty"]["effects"].__setitem__("smugness", [1, 0, 0]),
+     ["domain 'crad'", "effects", "unknown emotion 'smugness'"]),
+    (lambda r: r["domains"]["crad"]["counterparty"]["personas"]["stubborn"].pop("curve"),
+     ["domain 'crad'", "personas.stubborn", "curve"]),
+    (lambda r: r["emotions"]["joy"].pop("cues"), ["emotion 'joy'", "cues"]),
+    (lambda r: r["emotions"].__setitem__("smugness", r["emotions"]["joy"]), ["unknown emotion 'smugness'"]),
+    (lambda r: r["domains"]["crad"]["teacher"]["justifications"].append("Because {weather}."),
+     ["domain 'crad'", "justifications", "weather"]),
+])
+def test_domains_yaml_errors_name_domain_and_field(tmp_path, capsys, edit, words):
+    path = _broken_yaml(tmp_path, edit)
+    with pytest.raises(ng.DomainConfigError) as e:
+        ng.load_config(path)
+    for w in words:
+        assert w in str(e.value)
+    assert run("collect", "--out", str(tmp_path / "r"), "--domains-file", path) == 2
+    assert words[-1] in capsys.readouterr().err
+
+
+def test_malformed_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("emotions: [unclosed\n  domains: {")
+    with pytest.raises(ng.DomainConfigError, match="not valid YAML"):
+        ng.load_config(str(p))
+
+
+def test_a_fifth_domain_needs_only_a_yaml_entry(tmp_path):
+    def add(raw):
+        d = json.loads(json.dumps(raw["domains"]["crad"]))
+        d["description"] = "Rent arrears: a landlord's agent and a tenant."
+        raw["domains"]["rent"] = d
+    path = _broken_yaml(tmp_path, add)
+    out = str(tmp_path / "run")
+    assert run("collect", "--out", out, "--domains-file", path, "--domains", "rent", *SMALL) == 0
+    assert run("judge", "--out", out, "--domains-file", path) == 0
+    recs, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
+    assert {r["domain"] for r in recs} == {"rent"} and len(recs) == 10

@@ -1,0 +1,108 @@
+"""LMAgent on a tiny random Llama (batched, left-padded generation) and model loading; a
+short integration test on the real SmolLM2-135M-Instruct."""
+import os
+
+import pytest
+import torch
+
+import emodistill
+import negotiate as ng
+
+
+def _episodes(cfg, n, turns):
+    dom = cfg.domains["student"]
+    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:n]]
+    for i, ep in enumerate(eps):  # histories of different lengths -> different prompt lengths
+        short = ng.Config(cfg.emotions, cfg.domains, max_turns=turns[i % len(turns)])
+        ng.run_episodes(short, [ep], ng.SimTeacher(cfg), ng.SimCounterparty(cfg), ng.random_emotion_policy())
+        ep.end = None
+    return eps
+
+
+def test_batched_left_padded_generation_equals_one_by_one(cfg, tiny_lm):
+    model, tok = tiny_lm
+    eps = _episodes(cfg, 5, [0, 1, 3, 5])
+    emos = ["anger", "joy", None, "fear", "caring"]
+    batched = ng.LMAgent(model, tok, cfg, temperature=0, max_new_tokens=8, batch_size=3)
+    single = ng.LMAgent(model, tok, cfg, temperature=0, max_new_tokens=8, batch_size=1)
+    prompts = batched.prompts(eps, emos)
+    lens = {len(tok(p).input_ids) for p in prompts}
+    assert len(lens) > 1  # padding is really exercised
+    a, b = batched.generate(prompts), single.generate(prompts)
+    assert a == b and all(isinstance(x, str) for x in a)
+    assert batched.generated_tokens > 0 and batched.prompt_tokens == sum(len(tok(p).input_ids) for p in prompts)
+
+
+def test_sampling_is_seeded(cfg, tiny_lm):
+    model, tok = tiny_lm
+    eps = _episodes(cfg, 4, [0, 2])
+    runs = [ng.LMAgent(model, tok, cfg, max_new_tokens=8, seed=7).act(eps, ["joy"] * 4) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_prompt_has_emotion_block_and_history(cfg, tiny_lm):
+    _, tok = tiny_lm
+    ep = _episodes(cfg, 1, [3])[0]
+    msgs = ng.build_messages(cfg, ep, "focal", "pride")
+    assert msgs[0]["role"] == "system" and "Emotional approach (pride)" in msgs[0]["content"]
+    assert [m["role"] for m in msgs[1:]] == ["assistant", "user", "assistant"]
+    free = ng.build_messages(cfg, ep, "focal", "pride", emotion_free=True)
+    assert "Emotional approach" not in free[0]["content"]
+    cp = ng.build_messages(cfg, ep, "counterparty")
+    assert [m["role"] for m in cp[1:]] == ["user", "assistant", "user"]
+
+
+def test_lm_agent_plays_episodes_in_lock_step(cfg, tiny_lm):
+    model, tok = tiny_lm
+    dom = cfg.domains["crad"]
+    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:3]]
+    short = ng.Config(cfg.emotions, cfg.domains, max_turns=4)
+    agent = ng.LMAgent(model, tok, short, max_new_tokens=6)
+    ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), ng.random_emotion_policy())
+    assert agent.calls == 2  # one batched call per focal turn
+    for ep in eps:
+        assert ep.done and ep.t <= 4
+        rec = ng.to_record(ep)
+        assert rec["turns"][0]["speaker"] == "focal" and rec["turns"][0]["emotion"] in ng.EMOTIONS
+
+
+def test_device_and_dtype_choice(monkeypatch):
+    dev, dtype = emodistill.pick_device_dtype()
+    assert dev == ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cpu":
+        assert dtype == torch.float32
+    monkeypatch.setenv("EMODISTILL_DTYPE", "bfloat16")
+    assert emodistill.pick_device_dtype()[1] == torch.bfloat16
+
+
+def test_unknown_model_fails_clearly(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot load model"):
+        emodistill.load_lm(str(tmp_path / "no-such-model"))
+
+
+@pytest.mark.smollm2
+def test_smollm2_loads_offline_and_negotiates(cfg, smollm2):
+    model, tok = smollm2
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    folder = emodistill.smollm2_folder()
+    assert os.path.exists(os.path.join(folder, ".complete"))
+    dom = cfg.domains["crad"]
+    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:2]]
+    agent = ng.LMAgent(model, tok, cfg, max_new_tokens=40, seed=1)
+    replies = agent.act(eps, ["gratitude", "anger"])
+    assert all(len(r.text.split()) >= 3 for r in replies), replies
+
+
+@pytest.mark.smollm2
+def test_half_written_cache_is_rebuilt(tmp_path, monkeypatch, smollm2):
+    monkeypatch.setenv("EMODISTILL_CACHE", str(tmp_path))
+    half = tmp_path / "SmolLM2-135M-Instruct"
+    half.mkdir()
+    (half / "config.json").write_text("{ truncated")
+    folder = emodistill.smollm2_folder()
+    assert os.path.exists(os.path.join(folder, ".complete"))
+    model, tok = emodistill.load_lm("smollm2", device="cpu")
+    ids = tok("Hello", return_tensors="pt").input_ids
+    ref, _ = smollm2
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, ref(ids).logits)
