@@ -746,11 +746,21 @@ class SimCounterparty:
 # Prompts for language-model agents (the exact prompt is shared with SFT later)
 # ----------------------------------------------------------------------------------------
 
+def emotion_note(cfg: Config, emotion, turn_index):
+    """The affective-prompting block for one focal turn (SPEC §2). The wording rotates
+    through the emotion's instructions by turn index, so the model sees several phrasings."""
+    ins = cfg.emotions[emotion]["instructions"]
+    return f"[Emotional approach for your reply ({emotion}): {ins[turn_index % len(ins)]}]"
+
+
 def build_messages(cfg: Config, ep: Episode, role: str, emotion=None, emotion_free=False):
     """Chat messages for `role` ("focal" or "counterparty") at the current turn.
 
-    System: situation, goal, and (unless emotion-free) an "Emotional approach" block.
-    History: own turns as assistant, the other side's as user."""
+    System: who you are, the situation and the goal (fixed for the whole episode).
+    History: own turns as assistant, the other side's as user. For the focal role each focal
+    turn's emotion block is appended to the user message just before it (unless emotion-free),
+    and the blocks of earlier turns stay where they were: the prompt only ever grows at the
+    end, so the key/value cache of the previous turn stays valid (see decode.py)."""
     dom, sc = ep.dom, ep.sc
     situation = _fill(dom.prompt["situation"], sc)
     if role == "focal":
@@ -759,16 +769,16 @@ def build_messages(cfg: Config, ep: Episode, role: str, emotion=None, emotion_fr
     else:
         me, other = dom.counterparty_role, dom.focal_role
         goal = _fill(dom.prompt["counterparty_goal"], sc, target=format_offer(sc.b0, dom.unit))
-    system = f"You are the {me}, negotiating with the {other}. {situation} {goal}"
-    if emotion and not emotion_free:
-        ins = cfg.emotions[emotion]["instructions"]
-        system += f"\n\nEmotional approach ({emotion}): {ins[len(ep.turns) % len(ins)]}"
-    msgs = [{"role": "system", "content": system}]
-    speaker = "focal" if role == "focal" else "counterparty"
-    if not ep.turns:
+    msgs = [{"role": "system", "content": f"You are the {me}, negotiating with the {other}. {situation} {goal}"}]
+    if role == "focal":
         msgs.append({"role": "user", "content": "(The negotiation starts now. Make your opening offer.)"})
     for turn in ep.turns:
-        msgs.append({"role": "assistant" if turn["speaker"] == speaker else "user", "content": turn["text"]})
+        mine = turn["speaker"] == role
+        if mine and role == "focal" and turn.get("emotion") and not emotion_free:
+            msgs[-1]["content"] += "\n\n" + emotion_note(cfg, turn["emotion"], len(msgs))
+        msgs.append({"role": "assistant" if mine else "user", "content": turn["text"]})
+    if role == "focal" and emotion and not emotion_free:
+        msgs[-1]["content"] += "\n\n" + emotion_note(cfg, emotion, len(msgs))
     return msgs
 
 

@@ -173,7 +173,7 @@ def test_normal_reply_and_request_shape(cfg, ep, server):
     assert body["model"] == "test-model"
     msgs = body["messages"]
     assert msgs[0]["role"] == "system"
-    assert "Emotional approach (anger)" in msgs[0]["content"]
+    assert "Emotional approach for your reply (anger)" in msgs[-1]["content"]
     assert msgs == negotiate.build_messages(cfg, ep, "focal", "anger")
     assert body["temperature"] == pytest.approx(0.7)
     assert body["top_p"] == pytest.approx(0.9)
@@ -182,7 +182,7 @@ def test_normal_reply_and_request_shape(cfg, ep, server):
 
 def test_no_emotion_means_no_emotional_approach(cfg, ep, server):
     make_agent(cfg, server).act([ep])
-    assert "Emotional approach" not in server.requests[0]["body"]["messages"][0]["content"]
+    assert not any("Emotional approach" in m["content"] for m in server.requests[0]["body"]["messages"])
 
 
 def test_trailing_slash_in_base_url(cfg, ep, server):

@@ -42,14 +42,22 @@ def test_sampling_is_seeded(cfg, tiny_lm):
 
 def test_prompt_has_emotion_block_and_history(cfg, tiny_lm):
     _, tok = tiny_lm
-    ep = _episodes(cfg, 1, [3])[0]
+    ep = _episodes(cfg, 1, [4])[0]
+    assert ep.t == 4
     msgs = ng.build_messages(cfg, ep, "focal", "pride")
-    assert msgs[0]["role"] == "system" and "Emotional approach (pride)" in msgs[0]["content"]
-    assert [m["role"] for m in msgs[1:]] == ["assistant", "user", "assistant"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert "Emotional approach" not in msgs[0]["content"]
+    assert "Emotional approach for your reply (pride)" in msgs[-1]["content"]
+    # every earlier focal turn keeps its own block, in the user message before it
+    for i, turn in enumerate(t for t in ep.turns if t["speaker"] == "focal"):
+        assert f"({turn['emotion']})" in msgs[1 + 2 * i]["content"]
+    # the next turn's prompt extends this one: the prompt only grows at the end
+    nxt = ng.build_messages(cfg, ep, "focal", "joy")
+    assert nxt[:-1] == msgs[:-1] and nxt[-1]["content"].startswith(msgs[-1]["content"].split("\n\n[")[0])
     free = ng.build_messages(cfg, ep, "focal", "pride", emotion_free=True)
-    assert "Emotional approach" not in free[0]["content"]
+    assert not any("Emotional approach" in m["content"] for m in free)
     cp = ng.build_messages(cfg, ep, "counterparty")
-    assert [m["role"] for m in cp[1:]] == ["user", "assistant", "user"]
+    assert [m["role"] for m in cp[1:]] == ["user", "assistant", "user", "assistant"]
 
 
 def test_lm_agent_plays_episodes_in_lock_step(cfg, tiny_lm):
