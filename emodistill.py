@@ -266,11 +266,13 @@ def collect(args):
     perceiver = ng.Perceiver(cfg.emotions)
     scenarios = {d: ng.make_scenarios(cfg.domains[d], args.seed, args.persona) for d in domains}
     todo = [j for j in jobs if f"{j[0]}-{j[1]}-{j[2]}" not in done]
+    uses_lm = isinstance(focal, ng.LMAgent) or isinstance(cp, ng.LMAgent)
+    chunk_size = args.batch_size or (args.lm_batch if uses_lm else 256)  # bounds key/value cache memory
     if done:
         print(f"[collect] resuming: {len(done)} of {len(jobs)} trajectories already in {sink.partial}")
     t0, bar = time.time(), _progress(len(jobs), "collect", len(jobs) - len(todo))
-    for s in range(0, len(todo), args.batch_size):
-        chunk = todo[s:s + args.batch_size]
+    for s in range(0, len(todo), chunk_size):
+        chunk = todo[s:s + chunk_size]
         eps = [ng.new_episode(cfg.domains[d], scenarios[d][i], k, args.seed) for d, i, k in chunk]
         ng.run_episodes(cfg, eps, focal, cp, policy, perceiver)
         sink.append([ng.to_record(ep) for ep in eps])
@@ -323,6 +325,162 @@ def judge(args):
     sink.finish()
     print(f"[judge] scored {len(todo)} trajectories -> {path}")
     return path
+
+
+def _load_judged(args):
+    path = os.path.join(args.out, "judged.jsonl")
+    if not os.path.exists(path):
+        raise StageError(f"{path} not found; run judge first")
+    records, bad = read_jsonl(path, on_bad=getattr(args, "on_bad_line", "error"))
+    if bad:
+        print(f"[iql] skipped {len(bad)} corrupt line(s) of {path}: {bad[:20]}")
+    return records
+
+
+def train_iql(args):
+    """Train the IQL emotion selector on the judged corpus -> runs/NAME/iql.pt (resumable)."""
+    import iql
+    from tqdm import tqdm
+    cfg = ng.load_config(args.domains_file)
+    hp = iql.IQLConfig(steps=args.steps, expectile=args.expectile, beta=args.beta, seed=args.seed)
+    path = os.path.join(args.out, "iql.pt")
+    records = _load_judged(args)
+    domains = [d for d in cfg.domains if any(r["domain"] == d for r in records)]
+    data = iql.transitions(records, domains, hp, cfg.max_turns)
+    model = targets = opt = None
+    step = 0
+    if os.path.exists(path) and not args.force:
+        model, targets, opt, step, _ = iql.load(path, domains, hp)
+        if step >= hp.steps:
+            print(f"[iql] {path} is complete ({step} steps); skipping (use --force to redo)")
+            return path
+        print(f"[iql] resuming from step {step}")
+    print(f"[iql] {len(data['a'])} transitions from {len(records)} trajectories, {data['s'].shape[1]} features, "
+          f"domains {domains}")
+    bar = tqdm(total=hp.steps, initial=step, desc="iql", unit="step", dynamic_ncols=True,
+               disable=os.environ.get("EMODISTILL_NO_PROGRESS") == "1")
+    t0 = time.time()
+    while step < hp.steps:
+        stop = min(step + args.save_every, hp.steps)
+        model, targets, opt, new_step = iql.train(data, hp, model, targets, opt, start=step, stop_at=stop,
+                                                  log=bar.write)
+        bar.update(new_step - step)
+        step = new_step
+        iql.save(path, model, targets, opt, step, hp, domains, cfg.max_turns)
+    bar.close()
+    print(f"[iql] {path}: {step} steps in {time.time() - t0:.1f}s")
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation on held-out scenarios
+# ----------------------------------------------------------------------------------------
+
+TEACHER_METHODS = ("teacher-random", "teacher-best-fixed", "teacher-iql")
+
+
+def _policy_for(method, args, cfg, best):
+    """The emotion chooser of a method (None = emotion-free), given the best fixed emotion per domain."""
+    base = method[len("teacher-"):] if method.startswith("teacher-") else method
+    if base == "vanilla":
+        return None
+    if base == "random":
+        return ng.random_emotion_policy()
+    if base.startswith("fixed:"):
+        return ng.fixed_emotion_policy(base[6:])
+    if base == "best-fixed":
+        return lambda eps: [best[ep.dom.key] for ep in eps]
+    if base == "iql":
+        import iql
+        path = os.path.join(args.out, "iql.pt")
+        if not os.path.exists(path):
+            raise StageError(f"method {method} needs {path}; run `emodistill.py iql` first")
+        model, _, _, _, spec = iql.load(path)
+        missing = [d for d in args.domain_list if d not in spec["domains"]]
+        if missing:
+            raise StageError(f"{path} was trained without domains {missing}")
+        return iql.Selector(model, spec, greedy=not args.sample)
+    raise StageError(f"unknown method '{method}'")
+
+
+def _play(cfg, domains, ids, seeds, focal, cp, policy, run_seed, persona=None):
+    perceiver = ng.Perceiver(cfg.emotions)
+    eps = [ng.new_episode(cfg.domains[d], sc, k, run_seed)
+           for d in domains for sc in ng.make_scenarios(cfg.domains[d], run_seed, persona) if sc.id in ids
+           for k in range(seeds)]
+    for s in range(0, len(eps), 256):
+        ng.run_episodes(cfg, eps[s:s + 256], focal, cp, policy, perceiver)
+    return [ng.to_record(ep) for ep in eps]
+
+
+def best_fixed_emotions(args, cfg):
+    """Per domain, the single emotion with the highest mean utility on the *training*
+    scenarios (SimTeacher as expresser, sim counterparty). Cached in eval/best_fixed.json."""
+    path = os.path.join(args.out, "eval", "best_fixed.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if all(d in cached["best"] for d in args.domain_list) and cached["seeds"] == args.select_seeds:
+            return cached["best"]
+    table, best = {}, {}
+    teacher, cp = ng.SimTeacher(cfg), ng.SimCounterparty(cfg)
+    for d in args.domain_list:
+        util = {}
+        for e in ng.EMOTIONS:
+            recs = _play(cfg, [d], ng.TRAIN_IDS, args.select_seeds, teacher, cp, ng.fixed_emotion_policy(e), args.seed)
+            util[e] = sum(r["outcome"]["utility"] for r in recs) / len(recs)
+        table[d] = util
+        best[d] = max(util, key=util.get)
+    write_json_atomic(path, {"best": best, "seeds": args.select_seeds, "mean_utility_on_train": table})
+    return best
+
+
+def evaluate(args):
+    """Run methods on held-out scenarios (80-99) x seeds; write eval/<method>.json and results.md."""
+    cfg = ng.load_config(args.domains_file)
+    args.domain_list = ng.pick_domains(cfg, args.domains)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
+    best = best_fixed_emotions(args, cfg) if any("best-fixed" in m for m in methods) else {}
+    cache, results = {}, {}
+    for m in methods:
+        path = os.path.join(args.out, "eval", f"{m.replace(':', '_')}.json")
+        if os.path.exists(path) and not args.force:
+            with open(path) as f:
+                results[m] = json.load(f)
+            print(f"[eval] {m}: cached in {path}")
+            continue
+        policy = _policy_for(m, args, cfg, best)
+        if m.startswith("teacher-"):
+            focal = ng.SimTeacher(cfg)
+        else:
+            focal = make_agent(args.student, "focal", cfg, args.seed, args.lm_batch, emotion_free=policy is None,
+                               model_cache=cache)
+        cp = make_agent(args.counterparty, "counterparty", cfg, args.seed + 1, args.lm_batch, model_cache=cache)
+        t0 = time.time()
+        recs = _play(cfg, args.domain_list, ng.TEST_IDS, args.seeds, focal, cp, policy, args.seed, args.persona)
+        summ = {d: ng.summarize([r for r in recs if r["domain"] == d]) for d in args.domain_list}
+        results[m] = {"method": m, "summary": summ, "seconds": round(time.time() - t0, 1), "records": recs}
+        write_json_atomic(path, results[m])
+        print(f"[eval] {m}: {len(recs)} episodes in {time.time() - t0:.1f}s -> {path}")
+    lines = [f"# Results: held-out scenarios 80-99 x {args.seeds} seeds (mean [95% bootstrap CI])", ""]
+    if best:
+        lines += ["Best fixed emotion per domain (chosen on training scenarios 0-79): "
+                  + ", ".join(f"{d} {e}" for d, e in best.items()), ""]
+    for d in args.domain_list:
+        lines += [f"## {d}", "", "| method | n | success % | utility | utility on success | rounds |",
+                  "|---|---|---|---|---|---|"]
+        for m in methods:
+            s = results[m]["summary"][d]
+            lines.append(f"| {m} | {s['n']} | {_fmt(s['success'], True)} | {_fmt(s['utility'])} | "
+                         f"{_fmt(s['utility_on_success'])} | {_fmt(s['rounds'])} |")
+        lines.append("")
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, "results.md.tmp"), "w") as f:
+        f.write(text)
+    os.replace(os.path.join(args.out, "results.md.tmp"), os.path.join(args.out, "results.md"))
+    print(text)
+    return results
 
 
 def _fmt(m, pct=False):
@@ -384,29 +542,60 @@ def bench(args):
               f"{len(cfg.domains)} domains) in {dt:.1f}s = {len(eps) / dt:.0f} trajectories/s "
               f"({sum(map(len, lines)) / 1e6:.1f} MB of JSON)")
     if "generate" in args.what:
-        import torch
-        model, tok = load_lm(args.model)
-        print(f"generate[{args.model}]: device {next(model.parameters()).device}, dtype {model.dtype}, "
-              f"torch threads {torch.get_num_threads()}")
-        # realistic prompts: negotiation states a few turns in, from the sim players
-        dom = cfg.domains["crad"]
-        eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:args.batch]]
-        cfg_short = ng.Config(cfg.emotions, cfg.domains, max_turns=4, tolerance=cfg.tolerance)
-        ng.run_episodes(cfg_short, eps, ng.SimTeacher(cfg), ng.SimCounterparty(cfg, perceiver),
-                        ng.random_emotion_policy(), perceiver)
-        for ep in eps:
-            ep.end = None
-        emos = ng.random_emotion_policy()(eps)
-        for bs in sorted({1, args.batch}):
-            agent = ng.LMAgent(model, tok, cfg, batch_size=bs, max_new_tokens=args.new_tokens)
-            texts = agent.prompts(eps[:bs] if bs == 1 else eps, emos)
-            agent.generate(texts[:1])  # warm-up
-            agent.generated_tokens = agent.prompt_tokens = 0
-            agent.gen_seconds = 0.0
-            agent.generate(texts)
-            print(f"generate[{args.model}] batch {bs:>3}: {agent.generated_tokens} new tokens in "
-                  f"{agent.gen_seconds:.1f}s = {agent.generated_tokens / agent.gen_seconds:.1f} new tokens/s "
-                  f"(prompts: {agent.prompt_tokens / len(texts):.0f} tokens each, prefill included)")
+        _bench_generate(args, cfg, perceiver)
+
+
+def _bench_generate(args, cfg, perceiver):
+    """Generation speed, three ways, on negotiation prompts 4 turns in (crad domain):
+    `model.generate` (prefill + decode), our cached decoder from scratch (prefill and decode
+    timed apart), and a multi-turn collection where the cache is reused between turns."""
+    import torch
+    model, tok = load_lm(args.model)
+    print(f"generate[{args.model}]: device {next(model.parameters()).device}, dtype {model.dtype}, "
+          f"torch threads {torch.get_num_threads()}, {args.new_tokens} new tokens max")
+    dom = cfg.domains["crad"]
+    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:args.batch]]
+    four = ng.Config(cfg.emotions, cfg.domains, max_turns=4, tolerance=cfg.tolerance)
+    ng.run_episodes(four, eps, ng.SimTeacher(cfg), ng.SimCounterparty(cfg, perceiver),
+                    ng.random_emotion_policy(), perceiver)
+    for ep in eps:
+        ep.end = None
+    emos = ng.random_emotion_policy()(eps)
+    for bs in sorted({1, args.batch}):
+        n = 2 if bs == 1 else bs
+        hf = ng.LMAgent(model, tok, cfg, batch_size=bs, max_new_tokens=args.new_tokens, kv_cache=False)
+        texts = hf.prompts(eps[:n], emos[:n])
+        hf.generate(texts[:1])  # warm-up
+        hf.generated_tokens = hf.prompt_tokens = 0
+        hf.gen_seconds = 0.0
+        hf.generate(texts)
+        print(f"  model.generate  batch {bs:>3}: {hf.generated_tokens / hf.gen_seconds:6.1f} new tokens/s "
+              f"end to end ({hf.prompt_tokens // n} prompt tokens each, run every turn)")
+        if not hasattr(hf, "decoder") and not __import__("decode").supports(model):
+            continue
+        kv = ng.LMAgent(model, tok, cfg, batch_size=bs, max_new_tokens=args.new_tokens, kv_cache=True)
+        for ep in eps[:n]:
+            ep.private.pop("kv:focal", None)
+        kv.generate_cached(eps[:n], texts)
+        d = kv.decoder
+        print(f"  cached decoder  batch {bs:>3}: {d.decoded_tokens / d.decode_seconds:6.1f} new tokens/s decoding, "
+              f"{d.prefilled_tokens / d.prefill_seconds:6.1f} prompt tokens/s prefill, "
+              f"{kv.generated_tokens / kv.gen_seconds:6.1f} new tokens/s end to end from an empty cache")
+    n = args.batch
+    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:n]]
+    twelve = ng.Config(cfg.emotions, cfg.domains, max_turns=12, tolerance=cfg.tolerance)
+    agent = ng.LMAgent(model, tok, twelve, batch_size=n, max_new_tokens=args.new_tokens)
+    t0 = time.time()
+    ng.run_episodes(twelve, eps, agent, ng.SimCounterparty(cfg, perceiver), ng.random_emotion_policy(), perceiver)
+    dt = time.time() - t0
+    mode = "cached decoder" if agent.kv_cache else "model.generate"
+    print(f"collect[{args.model} teacher vs sim, {mode}]: {n} episodes x up to 12 turns in {dt:.1f}s: "
+          f"{agent.generated_tokens / dt:.1f} new tokens/s end to end; prompt tokens run "
+          f"{agent.prompt_tokens}, reused from cache {agent.reused_tokens}")
+    if agent.kv_cache:
+        d = agent.decoder
+        print(f"  of which decoding {d.decode_seconds:.1f}s ({d.decoded_tokens / d.decode_seconds:.1f} new tokens/s), "
+              f"prefill {d.prefill_seconds:.1f}s ({d.prefilled_tokens / d.prefill_seconds:.1f} prompt tokens/s)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -432,19 +621,40 @@ def build_parser():
     c.add_argument("--emotions", default="", help="comma-separated subset for the random behaviour policy")
     c.add_argument("--persona", default=None, help="force one counterparty persona (e.g. a held-out one)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=256, help="episodes advanced in lock step")
-    c.add_argument("--lm-batch", type=int, default=32, help="sequences per generate call for LM agents")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="episodes advanced in lock step (default 256 with sim agents, --lm-batch with an LM)")
+    c.add_argument("--lm-batch", type=int, default=64, help="sequences per generate call for LM agents")
     j = common(sub.add_parser("judge", help="score every focal turn"))
     j.add_argument("--judge", default="rubric")
     j.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
     s = common(sub.add_parser("summary", help="outcome table of a run"))
     s.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
+    q = common(sub.add_parser("iql", help="train the IQL emotion selector"))
+    q.add_argument("--steps", type=int, default=20000)
+    q.add_argument("--expectile", type=float, default=0.7)
+    q.add_argument("--beta", type=float, default=3.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--save-every", type=int, default=2000, help="checkpoint interval in steps")
+    q.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
+    e = common(sub.add_parser("eval", help="evaluate methods on held-out scenarios"))
+    e.add_argument("--methods", default=",".join(TEACHER_METHODS),
+                   help="comma-separated: vanilla, random, fixed:<emotion>, best-fixed, iql, "
+                        "and teacher-<same> for the SimTeacher as expresser")
+    e.add_argument("--domains", default="crad,disaster,hospital,student")
+    e.add_argument("--seeds", type=int, default=5, help="seeds per held-out scenario")
+    e.add_argument("--select-seeds", type=int, default=3, help="seeds per training scenario for best-fixed")
+    e.add_argument("--student", default="smollm2", help="the LM expresser of non-teacher methods")
+    e.add_argument("--counterparty", default="sim")
+    e.add_argument("--persona", default=None, help="evaluate against one persona (e.g. the held-out one)")
+    e.add_argument("--sample", action="store_true", help="sample the selector's emotion instead of greedy")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--lm-batch", type=int, default=64)
     b = sub.add_parser("bench", help="throughput numbers for this machine")
     b.add_argument("--domains-file", default="domains.yaml")
     b.add_argument("--what", default="collect,generate")
     b.add_argument("--sim-seeds", type=int, default=50)
     b.add_argument("--model", default="smollm2")
-    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--batch", type=int, default=64)
     b.add_argument("--new-tokens", type=int, default=48)
     return p
 
@@ -452,7 +662,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        {"collect": collect, "judge": judge, "summary": summary, "bench": bench}[args.cmd](args)
+        {"collect": collect, "judge": judge, "summary": summary, "iql": train_iql, "eval": evaluate,
+         "bench": bench}[args.cmd](args)
     except (ng.DomainConfigError, StageError, ValueError, RuntimeError, ng.ApiError) as e:
         print(f"emodistill {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -793,14 +793,23 @@ class LMAgent:
     `generate` call (left padding). Accept / walk-away are read from the text."""
 
     def __init__(self, model, tokenizer, cfg: Config, role="focal", temperature=0.7, top_p=0.9,
-                 max_new_tokens=48, batch_size=32, emotion_free=False, seed=0):
+                 max_new_tokens=48, batch_size=32, emotion_free=False, seed=0, kv_cache=None):
         self.model, self.tok, self.cfg, self.role = model, tokenizer, cfg, role
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.batch_size, self.emotion_free, self.seed, self.calls = batch_size, emotion_free, seed, 0
-        self.generated_tokens, self.prompt_tokens, self.gen_seconds = 0, 0, 0.0
+        self.generated_tokens, self.prompt_tokens, self.reused_tokens, self.gen_seconds = 0, 0, 0, 0.0
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
+        import decode
+        # kv_cache: True = hand-written decoder that keeps each episode's cache between turns
+        # (decode.py); False = `model.generate`; None = the former where the architecture allows
+        self.kv_cache = decode.supports(model) if kv_cache is None else kv_cache
+        if self.kv_cache:
+            eos = model.generation_config.eos_token_id if model.generation_config else None
+            eos = [eos] if isinstance(eos, int) else list(eos or [])
+            self.decoder = decode.KVDecoder(model, eos + [self.tok.eos_token_id], max_new_tokens,
+                                            temperature, top_p)
 
     def prompts(self, eps, emotions):
         return [self.tok.apply_chat_template(build_messages(self.cfg, ep, self.role, emo, self.emotion_free),
@@ -832,10 +841,38 @@ class LMAgent:
                 out[i] = self.tok.decode(row, skip_special_tokens=True)
         return out
 
+    def generate_cached(self, eps, texts):
+        """Like generate(), through decode.KVDecoder, with each episode's key/value cache
+        kept in ep.private between turns so only new prompt tokens are run."""
+        import torch
+        self.calls += 1
+        gen = torch.Generator(device=next(self.model.parameters()).device)
+        gen.manual_seed(self.seed * 100003 + self.calls)
+        key = f"kv:{self.role}"
+        ids = [self.tok(t, add_special_tokens=False).input_ids for t in texts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = [None] * len(ids)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            d = self.decoder
+            before = (d.prefilled_tokens, d.reused_tokens)
+            t0 = time.time()
+            toks, caches = d.generate([ids[i] for i in idx], [eps[i].private.get(key) for i in idx], gen)
+            self.gen_seconds += time.time() - t0
+            self.prompt_tokens += d.prefilled_tokens - before[0]
+            self.reused_tokens += d.reused_tokens - before[1]
+            for i, t, c in zip(idx, toks, caches):
+                eps[i].private[key] = c
+                self.generated_tokens += len(t)
+                out[i] = self.tok.decode(t, skip_special_tokens=True)
+        return out
+
     def act(self, eps, emotions=None):
         emotions = emotions or [None] * len(eps)
         other = eps[0].dom.counterparty_role if eps else ""
-        texts = [_clean_reply(t, other) for t in self.generate(self.prompts(eps, emotions))]
+        prompts = self.prompts(eps, emotions)
+        raw = self.generate_cached(eps, prompts) if self.kv_cache else self.generate(prompts)
+        texts = [_clean_reply(t, other) for t in raw]
         return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t)) for t in texts]
 
 
@@ -964,7 +1001,13 @@ def run_episodes(cfg: Config, eps, focal, counterparty, choose_emotion=None, per
     picks the focal emotion (None = emotion-free). Returns the episodes, finished."""
     perceiver = perceiver or Perceiver(cfg.emotions)
     while True:
-        live = [ep for ep in eps if not ep.done]
+        live = []
+        for ep in eps:
+            if ep.done:  # free the LM agents' key/value caches of finished episodes
+                for k in [k for k in ep.private if k.startswith("kv:")]:
+                    del ep.private[k]
+            else:
+                live.append(ep)
         if not live:
             return eps
         focal_turn = [ep for ep in live if ep.t % 2 == 0]

@@ -1,0 +1,188 @@
+"""Batched sampling with a preallocated key/value cache that is kept between turns.
+
+Why this file exists: in a negotiation every turn's prompt is the previous turn's prompt plus
+a few new messages. `model.generate` re-reads the whole prompt every turn; on a 2-core CPU that
+prefill costs several times more than the reply itself. Here each sequence keeps the keys and
+values of the tokens it has already seen, and a new turn only runs the tokens after the longest
+common prefix with what is cached (typically the other side's reply and the new emotion block).
+
+The forward pass is written out for the Llama family (Llama, SmolLM, Mistral, Qwen2): it calls
+the model's own modules (norms, projections, MLP, rotary embedding), so trained LoRA layers are
+used as they are, and it is checked against the Hugging Face forward in tests/test_decode.py.
+Other architectures fall back to `model.generate` (see LMAgent in negotiate.py).
+
+Layout of one batched call (B sequences, P_b cached tokens, S_b new prompt tokens):
+
+    columns: [ pad | cached_b (P_b) ][ pad | new_b (S_b) ][ generated ... ]
+             <------- maxP --------><------- maxS ------><-- max_new -->
+
+Pads are masked out, positions are explicit (P_b + i), so rows of different lengths share
+one preallocated cache tensor per layer and the newest token of every row is the last column.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def supports(model):
+    return getattr(model.config, "model_type", None) in SUPPORTED and hasattr(model.model, "rotary_emb")
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _rope(x, cos, sin):                       # x: B,h,S,hd ; cos/sin: B,S,hd
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class KVCache:
+    """Keys and values of one sequence: ids (list of token ids) and kv [layers, 2, kv_heads, n, head_dim]."""
+
+    __slots__ = ("ids", "kv")
+
+    def __init__(self, ids, kv):
+        self.ids, self.kv = ids, kv
+
+
+def common_prefix(a, b):
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class KVDecoder:
+    """Sampling (temperature -> top-k -> top-p, as `generate` does) or greedy decoding for a
+    Llama-family model, reusing each sequence's cache from its previous call."""
+
+    def __init__(self, model, eos_ids, max_new_tokens=48, temperature=0.7, top_p=0.9, top_k=50):
+        self.model, self.eos = model, torch.tensor(sorted(set(eos_ids)))
+        self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
+        c = model.config
+        self.n_layers = c.num_hidden_layers
+        self.n_heads = c.num_attention_heads
+        self.n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        # running totals, read by the benchmark: tokens and seconds of prefill and of decoding
+        self.reused_tokens = self.prefilled_tokens = self.decoded_tokens = 0
+        self.prefill_seconds = self.decode_seconds = 0.0
+
+    # -- the forward pass ---------------------------------------------------------------
+    def _forward(self, ids, pos, K, V, valid, c0):
+        """Run tokens `ids` (B,S) at positions `pos` (B,S), writing their keys/values into
+        columns [c0, c0+S) of K/V (lists over layers of B,kv,T,hd). Returns last-position logits."""
+        m = self.model.model
+        B, S = ids.shape
+        c1 = c0 + S
+        h = m.embed_tokens(ids)                                            # B,S,D
+        cos, sin = m.rotary_emb(h, pos)                                    # B,S,hd
+        cols = torch.arange(c1, device=ids.device)
+        causal = cols[None, :] <= (c0 + torch.arange(S, device=ids.device))[:, None]   # S,c1
+        mask = valid[:, None, None, :c1] & causal[None, None]              # B,1,S,c1
+        mask = mask | (cols[None, None, None, :] == (c0 + torch.arange(S, device=ids.device))[None, None, :, None])
+        for li, layer in enumerate(m.layers):
+            attn = layer.self_attn
+            r = layer.input_layernorm(h)
+            q = attn.q_proj(r).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)   # B,H,S,hd
+            k = attn.k_proj(r).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)      # B,kv,S,hd
+            v = attn.v_proj(r).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            K[li][:, :, c0:c1] = k
+            V[li][:, :, c0:c1] = v
+            o = F.scaled_dot_product_attention(q, K[li][:, :, :c1], V[li][:, :, :c1], attn_mask=mask,
+                                               scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(m.norm(h[:, -1]))                       # B,V
+
+    # -- sampling -----------------------------------------------------------------------
+    def _sample(self, logits, gen):
+        logits = logits.float()
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        vals, idx = torch.topk(logits / self.temperature, min(self.top_k, logits.shape[-1]), dim=-1)
+        probs = vals.softmax(-1)                                           # sorted, descending
+        drop = probs.cumsum(-1) - probs > self.top_p                       # keep the top-p nucleus
+        probs = probs.masked_fill(drop, 0.0)
+        choice = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen)
+        return idx.gather(-1, choice).squeeze(-1)
+
+    # -- one batched call ---------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts, caches=None, generator=None):
+        """prompts: list of token-id lists; caches: list of KVCache or None (one per prompt).
+        Returns (new token ids per prompt, up to and including EOS; updated KVCache per prompt)."""
+        B = len(prompts)
+        caches = caches or [None] * B
+        p0 = next(self.model.parameters())
+        dev, dt = p0.device, p0.dtype
+        reuse = []
+        for ids, c in zip(prompts, caches):
+            n = common_prefix(c.ids, ids) if c is not None else 0
+            reuse.append(min(n, len(ids) - 1))                              # keep >= 1 new token
+        new = [len(ids) - n for ids, n in zip(prompts, reuse)]
+        maxP, maxS = max(reuse), max(new)
+        T = maxP + maxS + self.max_new_tokens
+        K = [torch.zeros(B, self.n_kv, T, self.head_dim, device=dev, dtype=dt) for _ in range(self.n_layers)]
+        V = [torch.zeros_like(K[0]) for _ in range(self.n_layers)]
+        valid = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        ids = torch.zeros(B, maxS, dtype=torch.long, device=dev)
+        pos = torch.zeros(B, maxS, dtype=torch.long, device=dev)
+        for b, (p, n, s, c) in enumerate(zip(prompts, reuse, new, caches)):
+            if n:
+                kv = c.kv[:, :, :, :n].to(dev, dt)                          # L,2,kv,n,hd
+                for li in range(self.n_layers):
+                    K[li][b, :, maxP - n:maxP] = kv[li, 0]
+                    V[li][b, :, maxP - n:maxP] = kv[li, 1]
+                valid[b, maxP - n:maxP] = True
+            ids[b, maxS - s:] = torch.tensor(p[n:], device=dev)
+            pos[b, maxS - s:] = torch.arange(n, n + s, device=dev)
+            valid[b, maxP + maxS - s:maxP + maxS] = True
+        self.reused_tokens += sum(reuse)
+        self.prefilled_tokens += sum(new)
+        t0 = time.perf_counter()
+        logits = self._forward(ids, pos, K, V, valid, maxP)
+        t1 = time.perf_counter()
+        next_pos = torch.tensor([n + s for n, s in zip(reuse, new)], device=dev)
+        eos = self.eos.to(dev)
+        out = torch.zeros(B, self.max_new_tokens, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        lengths = torch.full((B,), self.max_new_tokens, dtype=torch.long, device=dev)
+        steps = 0
+        for t in range(self.max_new_tokens):
+            tok = self._sample(logits, generator)
+            out[:, t] = tok
+            hit = torch.isin(tok, eos) & ~done
+            lengths[hit] = t + 1
+            done |= hit
+            steps = t + 1
+            if bool(done.all()) or t + 1 == self.max_new_tokens:
+                break
+            c = maxP + maxS + t
+            valid[:, c] = True
+            logits = self._forward(tok[:, None], next_pos[:, None], K, V, valid, c)
+            next_pos += 1
+        self.prefill_seconds += t1 - t0
+        self.decode_seconds += time.perf_counter() - t1
+        self.decoded_tokens += int(torch.minimum(lengths, torch.tensor(steps)).sum())
+        # hand back each row's cache: the valid columns, in order (prompt + generated tokens)
+        new_tokens, new_caches = [], []
+        stored = maxP + maxS + steps - 1  # the last sampled token has no keys/values yet
+        for b in range(B):
+            gen = out[b, :min(int(lengths[b]), steps)].tolist()
+            cols = valid[b, :stored].nonzero().squeeze(-1)
+            seq = prompts[b] + gen
+            keep = cols[:len(seq)]
+            kv = torch.stack([torch.stack((K[li][b][:, keep], V[li][b][:, keep]))
+                              for li in range(self.n_layers)])             # L,2,kv,n,hd
+            new_tokens.append(gen)
+            new_caches.append(KVCache(seq[:kv.shape[3]], kv))
+        return new_tokens, new_caches

@@ -1,0 +1,299 @@
+"""The emotion selector pi(e | s): discrete Implicit Q-Learning on the offline corpus.
+
+Paper part: the "which emotion" half of EmoDistill (SPEC §6), trained only on the judged
+corpus, with no live negotiation. The method is IQL (Kostrikov et al. 2021) for a discrete
+action space of the 28 GoEmotions labels:
+  V(s)     <- expectile regression (tau = `expectile`) on min(Q_target1, Q_target2)(s, a_data)
+  Q_i(s,a) <- r + gamma (1 - done) V(s')            (in-sample: no max over actions, ever)
+  pi(a|s)  <- advantage-weighted regression, weights exp(beta (Q_target - V)) clipped at 100
+Emotions never seen in the corpus are masked out of the policy.
+
+Reward (documented in the README as well): every focal turn earns its judge score mapped from
+[1, 10] to [-1, 1]; the last focal turn of a trajectory additionally earns the episode outcome,
+`outcome_weight * utility` for an agreement or `-fail_penalty` for no deal.
+
+Departures from the reference code: the previous emotion enters the state as a one-hot (never
+as an ordinal index), every feature varies with the state (no constants), and offers are
+direction-normalised so that all four domains look alike. Features also hold the counts of
+each emotion over the last three focal turns: the counterparty habituates to repeats, and a
+selector that cannot see its own recent choices cannot learn to vary them.
+
+This module does not import negotiate.py: `features` reads plain turn dicts (the corpus
+records and the live episodes share that layout).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EMOTIONS = [
+    "admiration", "amusement", "anger", "annoyance", "approval", "caring", "confusion",
+    "curiosity", "desire", "disappointment", "disapproval", "disgust", "embarrassment",
+    "excitement", "fear", "gratitude", "grief", "joy", "love", "nervousness", "optimism",
+    "pride", "realization", "relief", "remorse", "sadness", "surprise", "neutral",
+]
+
+
+@dataclass
+class IQLConfig:
+    expectile: float = 0.7        # tau of the V regression; higher -> V closer to the best in-data action
+    beta: float = 3.0             # AWR temperature; higher -> policy follows advantages more greedily
+    clip_weight: float = 100.0    # cap on exp(beta * A); lower -> steadier but more behaviour-cloning-like
+    gamma: float = 0.99           # discount per focal turn; lower -> shorter-sighted values
+    tau: float = 0.005            # Polyak rate of the target Q; higher -> faster but noisier targets
+    lr: float = 3e-4              # Adam learning rate for Q, V and policy
+    batch_size: int = 256         # transitions per gradient step
+    steps: int = 20000            # gradient steps
+    hidden: int = 256             # width of the two hidden layers of every network
+    outcome_weight: float = 2.0   # terminal reward per unit of utility; higher -> outcome over judge
+    fail_penalty: float = 0.5     # terminal reward lost when there is no deal
+    seed: int = 0                 # initialisation and minibatch order
+    log_every: int = 1000         # steps between diagnostic lines
+
+
+# ----------------------------------------------------------------------------------------
+# State features: one function for the training set and for inference
+# ----------------------------------------------------------------------------------------
+
+def feature_names(domains):
+    names = ["turn_frac", "focal_pos", "cp_pos", "gap", "has_focal_offer", "has_cp_offer",
+             "cp_last_concession", "cp_mean3_concession", "stalemate", "own_last_concession"]
+    names += [f"prev_{e}" for e in EMOTIONS] + ["prev_none"]
+    names += [f"recent3_{e}" for e in EMOTIONS]
+    names += [f"domain_{d}" for d in domains]
+    return names
+
+
+def _pos(x, s0, b0):
+    return (b0 - x) / (b0 - s0)
+
+
+def features(turns, s0, b0, domain, domains, max_turns=30):
+    """Feature vector of the state before the next focal turn, from the turns so far."""
+    focal = [t for t in turns if t["speaker"] == "focal"]
+    cp_offers = [_pos(t["offer"], s0, b0) for t in turns if t["speaker"] == "counterparty" and t.get("offer") is not None]
+    f_offers = [_pos(t["offer"], s0, b0) for t in focal if t.get("offer") is not None]
+    fp = min(1.5, max(-0.5, f_offers[-1])) if f_offers else 1.0
+    cpp = min(1.5, max(-0.5, cp_offers[-1])) if cp_offers else 0.0
+    conc = [b - a for a, b in zip(cp_offers, cp_offers[1:])]
+    stale = 0
+    for c in reversed(conc):
+        if c > 0.01:
+            break
+        stale += 1
+    own = (f_offers[-2] - f_offers[-1]) if len(f_offers) >= 2 else 0.0
+    v = [len(turns) / max_turns, fp, cpp, fp - cpp, float(bool(f_offers)), float(bool(cp_offers)),
+         conc[-1] if conc else 0.0, float(np.mean(conc[-3:])) if conc else 0.0, min(stale, 5) / 5, own]
+    prev = [0.0] * (len(EMOTIONS) + 1)
+    prev[EMOTIONS.index(focal[-1]["emotion"]) if focal and focal[-1].get("emotion") in EMOTIONS else -1] = 1.0
+    recent = [0.0] * len(EMOTIONS)
+    for t in focal[-3:]:
+        if t.get("emotion") in EMOTIONS:
+            recent[EMOTIONS.index(t["emotion"])] += 1 / 3
+    dom = [float(domain == d) for d in domains]
+    return np.asarray(v + prev + recent + dom, dtype=np.float32)
+
+
+def transitions(records, domains, cfg: IQLConfig, max_turns=30):
+    """Offline dataset (s, a, r, s', done) from judged trajectory records, one row per focal turn."""
+    S, A, R, S2, D = [], [], [], [], []
+    for rec in records:
+        turns = rec["turns"]
+        idx = [i for i, t in enumerate(turns) if t["speaker"] == "focal" and t.get("emotion") in EMOTIONS]
+        if not idx:
+            continue
+        out = rec["outcome"]
+        for j, i in enumerate(idx):
+            if "score" not in turns[i]:
+                raise ValueError(f"trajectory {rec.get('key')}: turn {i} has no judge score (run judge first)")
+            s = features(turns[:i], rec["s0"], rec["b0"], rec["domain"], domains, max_turns)
+            last = j == len(idx) - 1
+            nxt = turns[:idx[j + 1]] if not last else turns
+            r = (turns[i]["score"] - 5.5) / 4.5
+            if last:
+                r += cfg.outcome_weight * out["utility"] if out["success"] else -cfg.fail_penalty
+            S.append(s)
+            A.append(EMOTIONS.index(turns[i]["emotion"]))
+            R.append(r)
+            S2.append(features(nxt, rec["s0"], rec["b0"], rec["domain"], domains, max_turns))
+            D.append(float(last))
+    if not S:
+        raise ValueError("no focal turns with an emotion in the corpus")
+    return {"s": torch.tensor(np.stack(S)), "a": torch.tensor(A), "r": torch.tensor(R, dtype=torch.float32),
+            "s2": torch.tensor(np.stack(S2)), "d": torch.tensor(D)}
+
+
+# ----------------------------------------------------------------------------------------
+# Losses: small pure functions
+# ----------------------------------------------------------------------------------------
+
+def expectile_loss(diff, expectile):
+    """Asymmetric squared loss |tau - 1(diff < 0)| * diff^2, averaged; diff = target - prediction."""
+    w = torch.where(diff < 0, 1.0 - expectile, expectile)
+    return (w * diff.pow(2)).mean()
+
+
+def q_target(r, v_next, done, gamma):
+    """In-sample Bellman target r + gamma (1 - done) V(s'): V, never a max over actions."""
+    return r + gamma * (1.0 - done) * v_next
+
+
+def awr_weights(adv, beta, clip):
+    """exp(beta * advantage), clipped from above at `clip`. Returns (weights, clipped mask)."""
+    w = torch.exp(beta * adv)
+    return w.clamp(max=clip), w > clip
+
+
+def masked_logits(logits, seen):
+    """Emotions never seen in the data get -inf, so zero probability."""
+    return logits.masked_fill(~seen, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------
+# Networks and training
+# ----------------------------------------------------------------------------------------
+
+def mlp(i, o, h):
+    return nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, o))
+
+
+class IQL(nn.Module):
+    def __init__(self, n_features, n_actions=len(EMOTIONS), hidden=256):
+        super().__init__()
+        self.q1, self.q2 = mlp(n_features, n_actions, hidden), mlp(n_features, n_actions, hidden)
+        self.v = mlp(n_features, 1, hidden)
+        self.pi = mlp(n_features, n_actions, hidden)
+        self.register_buffer("seen", torch.ones(n_actions, dtype=torch.bool))
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+
+    def norm(self, s):
+        return (s - self.mean) / self.std
+
+    def policy_logits(self, s):
+        return masked_logits(self.pi(self.norm(s)), self.seen)
+
+
+def train(data, cfg: IQLConfig, model=None, targets=None, opt=None, start=0, log=print, stop_at=None):
+    """Gradient steps of IQL on a transition dict. Returns (model, target_q, optimiser, step).
+    Pass back model/targets/opt/start to continue training (resumable)."""
+    torch.manual_seed(cfg.seed)
+    n, nf = data["s"].shape
+    if model is None:
+        model = IQL(nf, hidden=cfg.hidden)
+        counts = torch.bincount(data["a"], minlength=len(EMOTIONS))
+        model.seen.copy_(counts > 0)
+        model.mean.copy_(data["s"].mean(0))
+        model.std.copy_(data["s"].std(0).clamp(min=1e-3))
+    if targets is None:
+        targets = copy.deepcopy(nn.ModuleList([model.q1, model.q2])).requires_grad_(False)
+    if opt is None:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    g = torch.Generator()
+    s_all, s2_all = model.norm(data["s"]), model.norm(data["s2"])
+    end = stop_at if stop_at is not None else cfg.steps
+    stats = []
+    for step in range(start, end):
+        g.manual_seed(cfg.seed * 1_000_003 + step)  # minibatch depends on the step only: exact resume
+        i = torch.randint(0, n, (min(cfg.batch_size, n),), generator=g)
+        s, s2, a, r, d = s_all[i], s2_all[i], data["a"][i], data["r"][i], data["d"][i]
+        with torch.no_grad():
+            qt = torch.min(targets[0](s), targets[1](s)).gather(1, a[:, None]).squeeze(1)   # B
+            v_next = model.v(s2).squeeze(1)                                                # B
+        v = model.v(s).squeeze(1)
+        v_loss = expectile_loss(qt - v, cfg.expectile)
+        y = q_target(r, v_next, d, cfg.gamma)
+        q1, q2 = model.q1(s).gather(1, a[:, None]).squeeze(1), model.q2(s).gather(1, a[:, None]).squeeze(1)
+        q_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+        adv = (qt - v.detach())
+        w, clipped = awr_weights(adv, cfg.beta, cfg.clip_weight)
+        logp = F.log_softmax(masked_logits(model.pi(s), model.seen), dim=-1)
+        pi_loss = -(w * logp.gather(1, a[:, None]).squeeze(1)).mean()
+        opt.zero_grad(set_to_none=True)
+        (v_loss + q_loss + pi_loss).backward()
+        opt.step()
+        with torch.no_grad():
+            for t, src in zip(targets, (model.q1, model.q2)):
+                for pt, ps in zip(t.parameters(), src.parameters()):
+                    pt.lerp_(ps, cfg.tau)
+        if log and ((step + 1) % cfg.log_every == 0 or step + 1 == end):
+            p = logp.exp()
+            ent = -(p * logp.masked_fill(p == 0, 0)).sum(-1).mean()
+            row = {"step": step + 1, "V": v.mean().item(), "Q": qt.mean().item(), "adv": adv.mean().item(),
+                   "clipped": clipped.float().mean().item(), "entropy": ent.item(),
+                   "v_loss": v_loss.item(), "q_loss": q_loss.item(), "pi_loss": pi_loss.item()}
+            stats.append(row)
+            log("[iql] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    return model, targets, opt, end
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints and the selector
+# ----------------------------------------------------------------------------------------
+
+def save(path, model, targets, opt, step, cfg: IQLConfig, domains, max_turns):
+    import os
+    spec = {"features": feature_names(domains), "emotions": EMOTIONS, "domains": list(domains), "max_turns": max_turns}
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "targets": targets.state_dict(), "opt": opt.state_dict(), "step": step,
+                "config": asdict(cfg), "spec": spec, "n_features": len(spec["features"])}, tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def load(path, domains=None, cfg: IQLConfig | None = None):
+    """Load a checkpoint; refuse it when its feature layout differs from `domains`'s."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    spec = ck["spec"]
+    if domains is not None and spec["features"] != feature_names(domains):
+        raise CheckpointMismatch(f"{path}: selector was trained with domains {spec['domains']} "
+                                 f"({len(spec['features'])} features); this run uses {list(domains)} "
+                                 f"({len(feature_names(domains))} features). Retrain or use the same domains.")
+    if spec["emotions"] != EMOTIONS:
+        raise CheckpointMismatch(f"{path}: emotion list differs from this code's")
+    model = IQL(ck["n_features"], hidden=ck["config"]["hidden"])
+    model.load_state_dict(ck["model"])
+    targets = nn.ModuleList([mlp(ck["n_features"], len(EMOTIONS), ck["config"]["hidden"]) for _ in range(2)])
+    targets.load_state_dict(ck["targets"])
+    targets.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=(cfg or IQLConfig(**ck["config"])).lr)
+    opt.load_state_dict(ck["opt"])
+    return model, targets, opt, ck["step"], spec
+
+
+class Selector:
+    """pi(e | s) as a callable for the episode runner: episodes -> emotions (greedy or sampled)."""
+
+    def __init__(self, model, spec, greedy=True, seed=0):
+        self.model, self.spec, self.greedy = model.eval(), spec, greedy
+        self.g = torch.Generator().manual_seed(seed)
+
+    def probs(self, eps):
+        x = torch.tensor(np.stack([features(ep.turns, ep.sc.s0, ep.sc.b0, ep.dom.key, self.spec["domains"],
+                                            self.spec["max_turns"]) for ep in eps]))
+        with torch.no_grad():
+            return F.softmax(self.model.policy_logits(x), dim=-1)
+
+    def __call__(self, eps):
+        if not eps:
+            return []
+        p = self.probs(eps)
+        idx = p.argmax(-1) if self.greedy else torch.multinomial(p, 1, generator=self.g).squeeze(1)
+        return [EMOTIONS[i] for i in idx.tolist()]
+
+
+def value_fn(model, spec):
+    """V(s) for a trajectory prefix, for ranking corpus turns by advantage (used by SFT)."""
+    def v(turns, s0, b0, domain):
+        x = torch.tensor(features(turns, s0, b0, domain, spec["domains"], spec["max_turns"]))[None]
+        with torch.no_grad():
+            return float(model.v(model.norm(x)))
+    return v
