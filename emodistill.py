@@ -245,7 +245,8 @@ def collect(args):
     domains = ng.pick_domains(cfg, args.domains)
     emotions = ng.check_emotions(args.emotions.split(",")) if args.emotions else None
     ids = parse_ids(args.scenarios)
-    settings = {"domains": domains, "teacher": args.teacher, "counterparty": args.counterparty,
+    settings = {"domains": domains, "scenario_seed": args.scenario_seed, "teacher": args.teacher,
+                "counterparty": args.counterparty,
                 "seeds_per_scenario": args.seeds_per_scenario, "scenarios": args.scenarios, "seed": args.seed,
                 "emotions": emotions, "persona": args.persona, "max_turns": cfg.max_turns,
                 "domains_file_sha": _sha(args.domains_file)}
@@ -264,7 +265,7 @@ def collect(args):
     cp = make_agent(args.counterparty, "counterparty", cfg, args.seed + 1, args.lm_batch, model_cache=cache)
     policy = ng.random_emotion_policy(emotions)
     perceiver = ng.Perceiver(cfg.emotions)
-    scenarios = {d: ng.make_scenarios(cfg.domains[d], args.seed, args.persona) for d in domains}
+    scenarios = {d: ng.make_scenarios(cfg.domains[d], args.scenario_seed, args.persona) for d in domains}
     todo = [j for j in jobs if f"{j[0]}-{j[1]}-{j[2]}" not in done]
     uses_lm = isinstance(focal, ng.LMAgent) or isinstance(cp, ng.LMAgent)
     chunk_size = args.batch_size or (args.lm_batch if uses_lm else 256)  # bounds key/value cache memory
@@ -292,9 +293,8 @@ def _sha(path):
 
 def judge(args):
     """Add per-focal-turn judge scores (and their components) to every trajectory."""
-    if args.judge != "rubric":
-        raise StageError(f"judge '{args.judge}' is not available yet; use --judge rubric")
     cfg = ng.load_config(args.domains_file)
+    llm = None if args.judge == "rubric" else make_judge(args.judge, cfg, args.lm_batch)
     src = os.path.join(args.out, "corpus.jsonl")
     if not os.path.exists(src):
         hint = " (collect was interrupted: re-run collect to finish it)" if os.path.exists(src + ".partial") else ""
@@ -319,12 +319,42 @@ def judge(args):
             for j in ng.judge_record(rec, cfg):
                 rec["turns"][j["turn"]].update(score=j["score"], components=j["components"])
             rec["judge"] = args.judge
+        if llm is not None:  # the LLM's score replaces the rubric total; components stay
+            asks = [(rec, i) for rec in chunk for i, t in enumerate(rec["turns"]) if t["speaker"] == "focal"]
+            answers = llm([ng.judge_messages(rec, i, cfg) for rec, i in asks])
+            for (rec, i), text in zip(asks, answers):
+                rec["turns"][i].update(score=ng.parse_score(text), judge_answer=text[:200])
+            missing = sum(ng.parse_score(a) is None for a in answers)
+            if missing:
+                bar.write(f"[judge] {missing} of {len(answers)} answers had no parseable SCORE (recorded as missing)")
         sink.append(chunk)
         bar.update(len(chunk))
     bar.close()
     sink.finish()
     print(f"[judge] scored {len(todo)} trajectories -> {path}")
     return path
+
+
+def make_judge(spec, cfg, batch_size=64):
+    """An LLM judge: a callable (list of chat messages) -> list of answer texts.
+    `hf:<model>` / `smollm2` decode greedily in batches; `api:<model>` uses ApiAgent.chat."""
+    if spec.startswith("api:"):
+        from concurrent.futures import ThreadPoolExecutor
+        agent = ng.ApiAgent(spec[4:], cfg, temperature=0.0, max_tokens=16)
+
+        def ask_api(batch):
+            with ThreadPoolExecutor(max_workers=agent.workers) as pool:
+                return list(pool.map(agent.chat, batch))
+        return ask_api
+    if spec == "smollm2" or spec.startswith("hf:"):
+        model, tok = load_lm(spec)
+        agent = ng.LMAgent(model, tok, cfg, temperature=0, max_new_tokens=12, batch_size=batch_size, kv_cache=False)
+
+        def ask_hf(batch):
+            return agent.generate([tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+                                   for m in batch])
+        return ask_hf
+    raise StageError(f"unknown judge '{spec}' (use rubric, smollm2, hf:<model>, api:<model>)")
 
 
 def _load_judged(args):
@@ -403,10 +433,10 @@ def _policy_for(method, args, cfg, best):
     raise StageError(f"unknown method '{method}'")
 
 
-def _play(cfg, domains, ids, seeds, focal, cp, policy, run_seed, persona=None):
+def _play(cfg, domains, ids, seeds, focal, cp, policy, run_seed, persona=None, scenario_seed=0):
     perceiver = ng.Perceiver(cfg.emotions)
     eps = [ng.new_episode(cfg.domains[d], sc, k, run_seed)
-           for d in domains for sc in ng.make_scenarios(cfg.domains[d], run_seed, persona) if sc.id in ids
+           for d in domains for sc in ng.make_scenarios(cfg.domains[d], scenario_seed, persona) if sc.id in ids
            for k in range(seeds)]
     for s in range(0, len(eps), 256):
         ng.run_episodes(cfg, eps[s:s + 256], focal, cp, policy, perceiver)
@@ -427,7 +457,8 @@ def best_fixed_emotions(args, cfg):
     for d in args.domain_list:
         util = {}
         for e in ng.EMOTIONS:
-            recs = _play(cfg, [d], ng.TRAIN_IDS, args.select_seeds, teacher, cp, ng.fixed_emotion_policy(e), args.seed)
+            recs = _play(cfg, [d], ng.TRAIN_IDS, args.select_seeds, teacher, cp, ng.fixed_emotion_policy(e), args.seed,
+                         scenario_seed=args.scenario_seed)
             util[e] = sum(r["outcome"]["utility"] for r in recs) / len(recs)
         table[d] = util
         best[d] = max(util, key=util.get)
@@ -440,11 +471,11 @@ def evaluate(args):
     cfg = ng.load_config(args.domains_file)
     args.domain_list = ng.pick_domains(cfg, args.domains)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, args.eval_dir), exist_ok=True)
     best = best_fixed_emotions(args, cfg) if any("best-fixed" in m for m in methods) else {}
     cache, results = {}, {}
     for m in methods:
-        path = os.path.join(args.out, "eval", f"{m.replace(':', '_')}.json")
+        path = os.path.join(args.out, args.eval_dir, f"{m.replace(':', '_')}.json")
         if os.path.exists(path) and not args.force:
             with open(path) as f:
                 results[m] = json.load(f)
@@ -458,12 +489,15 @@ def evaluate(args):
                                model_cache=cache)
         cp = make_agent(args.counterparty, "counterparty", cfg, args.seed + 1, args.lm_batch, model_cache=cache)
         t0 = time.time()
-        recs = _play(cfg, args.domain_list, ng.TEST_IDS, args.seeds, focal, cp, policy, args.seed, args.persona)
+        ids = ng.TEST_IDS if args.split == "test" else ng.TRAIN_IDS
+        recs = _play(cfg, args.domain_list, ids, args.seeds, focal, cp, policy, args.seed, args.persona,
+                     args.scenario_seed)
         summ = {d: ng.summarize([r for r in recs if r["domain"] == d]) for d in args.domain_list}
         results[m] = {"method": m, "summary": summ, "seconds": round(time.time() - t0, 1), "records": recs}
         write_json_atomic(path, results[m])
         print(f"[eval] {m}: {len(recs)} episodes in {time.time() - t0:.1f}s -> {path}")
-    lines = [f"# Results: held-out scenarios 80-99 x {args.seeds} seeds (mean [95% bootstrap CI])", ""]
+    where = "held-out scenarios 80-99" if args.split == "test" else "training scenarios 0-79 (validation)"
+    lines = [f"# Results: {where} x {args.seeds} seeds, run seed {args.seed} (mean [95% bootstrap CI])", ""]
     if best:
         lines += ["Best fixed emotion per domain (chosen on training scenarios 0-79): "
                   + ", ".join(f"{d} {e}" for d, e in best.items()), ""]
@@ -476,9 +510,10 @@ def evaluate(args):
                          f"{_fmt(s['utility_on_success'])} | {_fmt(s['rounds'])} |")
         lines.append("")
     text = "\n".join(lines)
-    with open(os.path.join(args.out, "results.md.tmp"), "w") as f:
+    report = os.path.join(args.out, "results.md" if args.eval_dir == "eval" else f"results-{args.eval_dir}.md")
+    with open(report + ".tmp", "w") as f:
         f.write(text)
-    os.replace(os.path.join(args.out, "results.md.tmp"), os.path.join(args.out, "results.md"))
+    os.replace(report + ".tmp", report)
     print(text)
     return results
 
@@ -620,12 +655,14 @@ def build_parser():
     c.add_argument("--scenarios", default="train", help="train (0-79), test (80-99) or ids like 0-9,12")
     c.add_argument("--emotions", default="", help="comma-separated subset for the random behaviour policy")
     c.add_argument("--persona", default=None, help="force one counterparty persona (e.g. a held-out one)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="episode randomness (emotions, teacher, counterparty)")
+    c.add_argument("--scenario-seed", type=int, default=0, help="which 100 scenarios per domain")
     c.add_argument("--batch-size", type=int, default=None,
                    help="episodes advanced in lock step (default 256 with sim agents, --lm-batch with an LM)")
     c.add_argument("--lm-batch", type=int, default=64, help="sequences per generate call for LM agents")
     j = common(sub.add_parser("judge", help="score every focal turn"))
-    j.add_argument("--judge", default="rubric")
+    j.add_argument("--judge", default="rubric", help="rubric | smollm2 | hf:<model> | api:<model>")
+    j.add_argument("--lm-batch", type=int, default=64, help="prompts per batch for an hf: judge")
     j.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
     s = common(sub.add_parser("summary", help="outcome table of a run"))
     s.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
@@ -647,7 +684,11 @@ def build_parser():
     e.add_argument("--counterparty", default="sim")
     e.add_argument("--persona", default=None, help="evaluate against one persona (e.g. the held-out one)")
     e.add_argument("--sample", action="store_true", help="sample the selector's emotion instead of greedy")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="episode randomness; the same for every method")
+    e.add_argument("--scenario-seed", type=int, default=0, help="which 100 scenarios per domain")
+    e.add_argument("--split", choices=["test", "train"], default="test",
+                   help="train = validation on training scenarios (use another --seed than collect's)")
+    e.add_argument("--eval-dir", default="eval", help="folder under the run for eval/<method>.json")
     e.add_argument("--lm-batch", type=int, default=64)
     b = sub.add_parser("bench", help="throughput numbers for this machine")
     b.add_argument("--domains-file", default="domains.yaml")

@@ -114,7 +114,8 @@ def transitions(records, domains, cfg: IQLConfig, max_turns=30):
             s = features(turns[:i], rec["s0"], rec["b0"], rec["domain"], domains, max_turns)
             last = j == len(idx) - 1
             nxt = turns[:idx[j + 1]] if not last else turns
-            r = (turns[i]["score"] - 5.5) / 4.5
+            # an LLM judge's missing score (no parseable answer) adds no judge reward to that turn
+            r = (turns[i]["score"] - 5.5) / 4.5 if turns[i]["score"] is not None else 0.0
             if last:
                 r += cfg.outcome_weight * out["utility"] if out["success"] else -cfg.fail_penalty
             S.append(s)

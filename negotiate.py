@@ -1150,3 +1150,47 @@ def judge_record(rec, cfg: Config):
             own_prev = x
         own_prev_text = t["text"]
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# LLM judges (hf: / api:): the same rubric as a prompt, answer parsed from "SCORE: N"
+# ----------------------------------------------------------------------------------------
+
+JUDGE_RUBRIC = (
+    "You are judging one turn of a negotiation. Score the marked turn of the {focal} from 1 (bad) "
+    "to 10 (excellent) for how well it serves the {focal}, who wants the {quantity} to be as "
+    "{direction} as possible (target {target}; the {other} opened at {opening}). Consider: does the "
+    "turn state a concrete offer in range; does it avoid needless concessions; did the {other} "
+    "concede in the reply; did the turn move toward a good deal or provoke a walk-away; does the "
+    "turn convey the intended emotion ({emotion}); is it fluent, short and in role. "
+    "Answer with one line: SCORE: N")
+
+
+def judge_messages(rec, turn_index, cfg: Config):
+    """Chat messages asking an LLM judge to score focal turn `turn_index` of a record."""
+    dom = cfg.domains[rec["domain"]]
+    lines = []
+    for i, t in enumerate(rec["turns"][:turn_index + 2]):
+        who = dom.focal_role if t["speaker"] == "focal" else dom.counterparty_role
+        mark = ">>> " if i == turn_index else ""
+        lines.append(f"{mark}{who}: {t['text']}")
+    system = JUDGE_RUBRIC.format(
+        focal=dom.focal_role, other=dom.counterparty_role, quantity=dom.quantity,
+        direction="low" if dom.focal_prefers == "lower" else "high",
+        target=format_offer(rec["s0"], dom.unit), opening=format_offer(rec["b0"], dom.unit),
+        emotion=rec["turns"][turn_index].get("emotion") or "none requested")
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": "Transcript (the turn to score is marked >>>):\n" + "\n".join(lines)}]
+
+
+_SCORE = re.compile(r"score\s*[:=]\s*(-?\d+(?:\.\d+)?)", re.I)
+
+
+def parse_score(text):
+    """The N of 'SCORE: N', clamped to [1, 10]; None when there is no such answer (recorded as
+    missing, never replaced by a default)."""
+    m = _SCORE.search(text or "")
+    if not m:
+        return None
+    v = float(m.group(1))
+    return min(10.0, max(1.0, v)) if math.isfinite(v) else None

@@ -285,3 +285,43 @@ def test_unreachable_server(cfg, ep):
         agent.act([ep], ["anger"])
     assert f"127.0.0.1:{port}" in str(ei.value)
     assert "2 attempt" in str(ei.value)
+
+
+def test_parse_score():
+    assert negotiate.parse_score("SCORE: 7") == 7.0
+    assert negotiate.parse_score("The turn is firm.\nscore = 8.5") == 8.5
+    assert negotiate.parse_score("SCORE: 42") == 10.0 and negotiate.parse_score("SCORE: 0") == 1.0
+    assert negotiate.parse_score("I would give it a seven.") is None
+    assert negotiate.parse_score("") is None and negotiate.parse_score(None) is None
+
+
+def test_judge_messages_mark_the_turn(cfg):
+    dom = cfg.domains["hospital"]
+    ep = negotiate.new_episode(dom, negotiate.make_scenarios(dom)[0], 0)
+    negotiate.run_episodes(cfg, [ep], negotiate.SimTeacher(cfg), negotiate.SimCounterparty(cfg),
+                           negotiate.random_emotion_policy())
+    rec = negotiate.to_record(ep)
+    msgs = negotiate.judge_messages(rec, 2, cfg)
+    assert "SCORE: N" in msgs[0]["content"] and rec["turns"][2]["emotion"] in msgs[0]["content"]
+    assert "as high as possible" in msgs[0]["content"]          # hospital: the scheduler wants more days
+    marked = [ln for ln in msgs[1]["content"].splitlines() if ln.startswith(">>> ")]
+    assert marked == [f">>> {dom.focal_role}: {rec['turns'][2]['text']}"]
+    assert rec["turns"][3]["text"] in msgs[1]["content"]          # the reply it provoked is shown
+    assert len(rec["turns"]) < 5 or rec["turns"][4]["text"] not in msgs[1]["content"]
+
+
+@pytest.mark.parametrize("answer,want", [("SCORE: 7", 7.0), ("It seems fine to me.", None)])
+def test_api_judge_stage(tmp_path, monkeypatch, server, answer, want):
+    import emodistill
+    monkeypatch.setenv("EMODISTILL_API_BASE", server.base_url)
+    server.script = [f"ok:{answer}"]
+    out = str(tmp_path / "run")
+    assert emodistill.main(["collect", "--out", out, "--domains", "crad", "--scenarios", "0-2",
+                            "--seeds-per-scenario", "1"]) == 0
+    assert emodistill.main(["judge", "--out", out, "--judge", "api:judge-model"]) == 0
+    recs, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
+    focal = [t for r in recs for t in r["turns"] if t["speaker"] == "focal"]
+    assert server.count == len(focal) and all(t["score"] == want for t in focal)
+    assert all(set(t["components"]) >= {"offer", "effect"} for t in focal)   # rubric parts kept
+    assert server.requests[0]["body"]["model"] == "judge-model"
+    assert emodistill.main(["iql", "--out", out, "--steps", "20"]) == 0       # missing scores are usable

@@ -107,3 +107,24 @@ def test_iql_cli_smoke_and_checkpoint_guard(tmp_path, capsys):
     text = open(os.path.join(out, "results.md")).read()
     for m in emodistill.TEACHER_METHODS:
         assert f"| {m} | 20 |" in text
+
+
+def test_eval_with_a_language_model_student(tmp_path, tiny_lm):
+    """The LM methods of eval (emotion-free vanilla, the IQL selector driving the student)
+    run end to end on a tiny random Llama saved as a local model folder."""
+    model, tok = tiny_lm
+    student = tmp_path / "tiny"
+    model.save_pretrained(student)
+    tok.save_pretrained(student)
+    out = str(tmp_path / "run")
+    assert emodistill.main(["collect", "--out", out, "--scenarios", "0-4", "--seeds-per-scenario", "2"]) == 0
+    assert emodistill.main(["judge", "--out", out]) == 0
+    assert emodistill.main(["iql", "--out", out, "--steps", "50"]) == 0
+    assert emodistill.main(["eval", "--out", out, "--methods", "vanilla,iql", "--student", f"hf:{student}",
+                            "--domains", "crad", "--seeds", "1"]) == 0
+    import json
+    van = json.load(open(os.path.join(out, "eval", "vanilla.json")))
+    sel = json.load(open(os.path.join(out, "eval", "iql.json")))
+    assert len(van["records"]) == len(sel["records"]) == 20
+    assert all(t.get("emotion") is None for r in van["records"] for t in r["turns"] if t["speaker"] == "focal")
+    assert all(t["emotion"] in iql.EMOTIONS for r in sel["records"] for t in r["turns"] if t["speaker"] == "focal")

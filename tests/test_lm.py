@@ -114,3 +114,19 @@ def test_half_written_cache_is_rebuilt(tmp_path, monkeypatch, smollm2):
     ref, _ = smollm2
     with torch.inference_mode():
         assert torch.allclose(model(ids).logits, ref(ids).logits)
+
+
+def test_hf_judge_stage_records_scores_or_missing(tmp_path, tiny_lm):
+    model, tok = tiny_lm
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = str(tmp_path / "run")
+    assert emodistill.main(["collect", "--out", out, "--domains", "student", "--scenarios", "0-1",
+                            "--seeds-per-scenario", "1"]) == 0
+    assert emodistill.main(["judge", "--out", out, "--judge", f"hf:{folder}"]) == 0
+    recs, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
+    focal = [t for r in recs for t in r["turns"] if t["speaker"] == "focal"]
+    assert focal and all("judge_answer" in t for t in focal)
+    for t in focal:  # a random model rarely writes "SCORE: N": then the score is missing, not 5
+        assert t["score"] == ng.parse_score(t["judge_answer"])
