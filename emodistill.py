@@ -651,7 +651,7 @@ def build_parser():
     c.add_argument("--domains", default="crad,disaster,hospital,student")
     c.add_argument("--teacher", default="sim", help="sim | smollm2 | hf:<model> | api:<model>")
     c.add_argument("--counterparty", default="sim", help="sim | smollm2 | hf:<model> | api:<model>")
-    c.add_argument("--seeds-per-scenario", type=int, default=10)
+    c.add_argument("--seeds-per-scenario", type=int, default=50)
     c.add_argument("--scenarios", default="train", help="train (0-79), test (80-99) or ids like 0-9,12")
     c.add_argument("--emotions", default="", help="comma-separated subset for the random behaviour policy")
     c.add_argument("--persona", default=None, help="force one counterparty persona (e.g. a held-out one)")
