@@ -351,8 +351,10 @@ def make_judge(spec, cfg, batch_size=64):
         agent = ng.LMAgent(model, tok, cfg, temperature=0, max_new_tokens=12, batch_size=batch_size, kv_cache=False)
 
         def ask_hf(batch):
-            return agent.generate([tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
-                                   for m in batch])
+            # the answer is started for the model ("SCORE:"), so a small model only has to give the number
+            prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) + "SCORE: "
+                       for m in batch]
+            return ["SCORE: " + a for a in agent.generate(prompts)]
         return ask_hf
     raise StageError(f"unknown judge '{spec}' (use rubric, smollm2, hf:<model>, api:<model>)")
 

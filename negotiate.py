@@ -726,10 +726,6 @@ class SimCounterparty:
             return "sadness"
         return "neutral"
 
-    @staticmethod
-    def reservation(sc):
-        return sc.reservation
-
     def _frac(self, ep, x):
         """Concession fraction the counterparty would need to offer x (0 at b0, 1 at r)."""
         sc = ep.sc
@@ -782,7 +778,7 @@ def build_messages(cfg: Config, ep: Episode, role: str, emotion=None, emotion_fr
     return msgs
 
 
-def _clean_reply(text, other_role):
+def _clean_reply(text):
     text = text.strip().split("\n\n")[0].strip()
     text = re.sub(r"^(?:assistant|user|system)\s*:\s*", "", text, flags=re.I)
     return text[:600]
@@ -869,10 +865,9 @@ class LMAgent:
 
     def act(self, eps, emotions=None):
         emotions = emotions or [None] * len(eps)
-        other = eps[0].dom.counterparty_role if eps else ""
         prompts = self.prompts(eps, emotions)
         raw = self.generate_cached(eps, prompts) if self.kv_cache else self.generate(prompts)
-        texts = [_clean_reply(t, other) for t in raw]
+        texts = [_clean_reply(t) for t in raw]
         return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t)) for t in texts]
 
 
@@ -935,7 +930,7 @@ class ApiAgent:
         msgs = [build_messages(self.cfg, ep, self.role, emo, self.emotion_free) for ep, emo in zip(eps, emotions)]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             texts = list(pool.map(self.chat, msgs))
-        texts = [_clean_reply(t, "") for t in texts]
+        texts = [_clean_reply(t) for t in texts]
         return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t)) for t in texts]
 
 
@@ -1163,7 +1158,7 @@ JUDGE_RUBRIC = (
     "turn state a concrete offer in range; does it avoid needless concessions; did the {other} "
     "concede in the reply; did the turn move toward a good deal or provoke a walk-away; does the "
     "turn convey the intended emotion ({emotion}); is it fluent, short and in role. "
-    "Answer with one line: SCORE: N")
+    "Answer with one line: the word SCORE, a colon, and a whole number from 1 to 10.")
 
 
 def judge_messages(rec, turn_index, cfg: Config):
@@ -1183,12 +1178,14 @@ def judge_messages(rec, turn_index, cfg: Config):
             {"role": "user", "content": "Transcript (the turn to score is marked >>>):\n" + "\n".join(lines)}]
 
 
-_SCORE = re.compile(r"score\s*[:=]\s*(-?\d+(?:\.\d+)?)", re.I)
+# a number followed by a unit ("SCORE: 204 days") is an offer copied into the answer, not a score
+_SCORE = re.compile(r"score\s*[:=]\s*(-?\d+(?:\.\d+)?)(?!\d|\s*(?:days?|weeks?|months?|minutes?|hours?|[ap]\.?m\b|:\d))",
+                    re.I)
 
 
 def parse_score(text):
     """The N of 'SCORE: N', clamped to [1, 10]; None when there is no such answer (recorded as
-    missing, never replaced by a default)."""
+    missing, never replaced by a default). "SCORE: 204 days" is not an answer: that is an offer."""
     m = _SCORE.search(text or "")
     if not m:
         return None

@@ -292,6 +292,9 @@ def test_parse_score():
     assert negotiate.parse_score("The turn is firm.\nscore = 8.5") == 8.5
     assert negotiate.parse_score("SCORE: 42") == 10.0 and negotiate.parse_score("SCORE: 0") == 1.0
     assert negotiate.parse_score("I would give it a seven.") is None
+    assert negotiate.parse_score("SCORE: 204 days to pay it all back.") is None
+    assert negotiate.parse_score("SCORE: 10:30 PM") is None
+    assert negotiate.parse_score("SCORE: 7 because the offer is firm.") == 7.0
     assert negotiate.parse_score("") is None and negotiate.parse_score(None) is None
 
 
@@ -302,7 +305,7 @@ def test_judge_messages_mark_the_turn(cfg):
                            negotiate.random_emotion_policy())
     rec = negotiate.to_record(ep)
     msgs = negotiate.judge_messages(rec, 2, cfg)
-    assert "SCORE: N" in msgs[0]["content"] and rec["turns"][2]["emotion"] in msgs[0]["content"]
+    assert "SCORE" in msgs[0]["content"] and rec["turns"][2]["emotion"] in msgs[0]["content"]
     assert "as high as possible" in msgs[0]["content"]          # hospital: the scheduler wants more days
     marked = [ln for ln in msgs[1]["content"].splitlines() if ln.startswith(">>> ")]
     assert marked == [f">>> {dom.focal_role}: {rec['turns'][2]['text']}"]
