@@ -562,8 +562,8 @@ def summary(args):
 
 
 def bench(args):
-    """Throughput on this machine: sim collection (trajectories/s) and batched SmolLM2
-    generation (new tokens/s at batch 1 and at the LMAgent batch size)."""
+    """Throughput on this machine: sim collection (trajectories/s), IQL gradient steps/s, and
+    SmolLM2 generation (new tokens/s at batch 1 and at the LMAgent batch size)."""
     cfg = ng.load_config(args.domains_file)
     perceiver = ng.Perceiver(cfg.emotions)
     if "collect" in args.what:
@@ -578,6 +578,25 @@ def bench(args):
         print(f"collect[sim]: {len(eps)} trajectories (80 scenarios x {args.sim_seeds} seeds x "
               f"{len(cfg.domains)} domains) in {dt:.1f}s = {len(eps) / dt:.0f} trajectories/s "
               f"({sum(map(len, lines)) / 1e6:.1f} MB of JSON)")
+    if "iql" in args.what:
+        import iql
+        import torch
+        eps = [ng.new_episode(cfg.domains[d], sc, k) for d in cfg.domains
+               for sc in ng.make_scenarios(cfg.domains[d])[:80] for k in range(5)]
+        ng.run_episodes(cfg, eps, ng.SimTeacher(cfg), ng.SimCounterparty(cfg, perceiver),
+                        ng.random_emotion_policy(), perceiver)
+        recs = [ng.to_record(ep) for ep in eps]
+        for rec in recs:
+            for j in ng.judge_record(rec, cfg):
+                rec["turns"][j["turn"]]["score"] = j["score"]
+        hp = iql.IQLConfig(steps=2000, log_every=10 ** 9)
+        data = iql.transitions(recs, list(cfg.domains), hp, cfg.max_turns)
+        t0 = time.time()
+        iql.train(data, hp, log=None)
+        dt = time.time() - t0
+        print(f"iql: {hp.steps} gradient steps (batch {hp.batch_size}, hidden {hp.hidden}, {data['s'].shape[1]} "
+              f"features, torch threads {torch.get_num_threads()}) in {dt:.1f}s = {hp.steps / dt:.0f} steps/s; "
+              f"20k steps take ~{20000 / (hp.steps / dt) / 60:.1f} min")
     if "generate" in args.what:
         _bench_generate(args, cfg, perceiver)
 
@@ -694,7 +713,7 @@ def build_parser():
     e.add_argument("--lm-batch", type=int, default=64)
     b = sub.add_parser("bench", help="throughput numbers for this machine")
     b.add_argument("--domains-file", default="domains.yaml")
-    b.add_argument("--what", default="collect,generate")
+    b.add_argument("--what", default="collect,iql,generate")
     b.add_argument("--sim-seeds", type=int, default=50)
     b.add_argument("--model", default="smollm2")
     b.add_argument("--batch", type=int, default=64)
