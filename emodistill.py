@@ -233,9 +233,9 @@ def parse_ids(spec):
     for part in spec.split(","):
         a, _, b = part.partition("-")
         ids.extend(range(int(a), int(b or a) + 1))
-    if not all(0 <= i < ng.N_SCENARIOS for i in ids):
-        raise ValueError(f"scenario ids must lie in 0-{ng.N_SCENARIOS - 1}: {spec}")
-    return ids
+    if not ids or not all(0 <= i < ng.N_SCENARIOS for i in ids):
+        raise ValueError(f"scenario ids must be a non-empty selection in 0-{ng.N_SCENARIOS - 1}: {spec}")
+    return sorted(set(ids))
 
 
 def collect(args):
@@ -251,10 +251,10 @@ def collect(args):
                 "emotions": emotions, "persona": args.persona, "max_turns": cfg.max_turns,
                 "domains_file_sha": _sha(args.domains_file)}
     path = os.path.join(args.out, "corpus.jsonl")
+    _prepare_out(args.out, "collect.json", settings, args.force)  # refuses other settings first
     if os.path.exists(path) and not args.force:
         print(f"[collect] {path} is complete; skipping (use --force to redo)")
         return path
-    _prepare_out(args.out, "collect.json", settings, args.force)
     sink = PartialJsonl(path)
     if args.force and os.path.exists(sink.partial):
         os.remove(sink.partial)
@@ -300,10 +300,11 @@ def judge(args):
         hint = " (collect was interrupted: re-run collect to finish it)" if os.path.exists(src + ".partial") else ""
         raise StageError(f"{src} not found{hint}")
     path = os.path.join(args.out, "judged.jsonl")
+    # a corpus that changed since judging (another seed, --force) is caught here, not reused
+    _prepare_out(args.out, "judge.json", {"judge": args.judge, "corpus_sha": _sha(src)}, args.force)
     if os.path.exists(path) and not args.force:
         print(f"[judge] {path} is complete; skipping (use --force to redo)")
         return path
-    _prepare_out(args.out, "judge.json", {"judge": args.judge, "corpus_sha": _sha(src)}, args.force)
     records, bad = read_jsonl(src, on_bad=args.on_bad_line)
     if bad:
         print(f"[judge] skipped {len(bad)} corrupt line(s) of {src}: {bad[:20]}{' ...' if len(bad) > 20 else ''}")
@@ -376,6 +377,11 @@ def train_iql(args):
     cfg = ng.load_config(args.domains_file)
     hp = iql.IQLConfig(steps=args.steps, expectile=args.expectile, beta=args.beta, seed=args.seed)
     path = os.path.join(args.out, "iql.pt")
+    from dataclasses import asdict
+    _prepare_out(args.out, "iql.json", {"judged_sha": _sha(os.path.join(args.out, "judged.jsonl"))
+                                        if os.path.exists(os.path.join(args.out, "judged.jsonl")) else None,
+                                        "config": {k: v for k, v in asdict(hp).items() if k != "steps"},
+                                        "max_turns": cfg.max_turns}, args.force)
     records = _load_judged(args)
     domains = [d for d in cfg.domains if any(r["domain"] == d for r in records)]
     data = iql.transitions(records, domains, hp, cfg.max_turns)
@@ -449,11 +455,14 @@ def best_fixed_emotions(args, cfg):
     """Per domain, the single emotion with the highest mean utility on the *training*
     scenarios (SimTeacher as expresser, sim counterparty). Cached in eval/best_fixed.json."""
     path = os.path.join(args.out, "eval", "best_fixed.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    key = {"seeds": args.select_seeds, "seed": args.seed, "scenario_seed": args.scenario_seed,
+           "domains_file_sha": _sha(args.domains_file)}
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
-        if all(d in cached["best"] for d in args.domain_list) and cached["seeds"] == args.select_seeds:
-            return cached["best"]
+        if all(d in cached["best"] for d in args.domain_list) and cached.get("key") == key:
+            return {d: cached["best"][d] for d in args.domain_list}
     table, best = {}, {}
     teacher, cp = ng.SimTeacher(cfg), ng.SimCounterparty(cfg)
     for d in args.domain_list:
@@ -464,7 +473,7 @@ def best_fixed_emotions(args, cfg):
             util[e] = sum(r["outcome"]["utility"] for r in recs) / len(recs)
         table[d] = util
         best[d] = max(util, key=util.get)
-    write_json_atomic(path, {"best": best, "seeds": args.select_seeds, "mean_utility_on_train": table})
+    write_json_atomic(path, {"best": best, "key": key, "mean_utility_on_train": table})
     return best
 
 
@@ -476,13 +485,22 @@ def evaluate(args):
     os.makedirs(os.path.join(args.out, args.eval_dir), exist_ok=True)
     best = best_fixed_emotions(args, cfg) if any("best-fixed" in m for m in methods) else {}
     cache, results = {}, {}
+    iql_path = os.path.join(args.out, "iql.pt")
     for m in methods:
         path = os.path.join(args.out, args.eval_dir, f"{m.replace(':', '_')}.json")
+        settings = {"domains": args.domain_list, "seeds": args.seeds, "seed": args.seed, "split": args.split,
+                    "scenario_seed": args.scenario_seed, "persona": args.persona, "counterparty": args.counterparty,
+                    "student": None if m.startswith("teacher-") else args.student, "sample": args.sample,
+                    "best_fixed": best if "best-fixed" in m else None, "domains_file_sha": _sha(args.domains_file),
+                    "selector_sha": _sha(iql_path) if m.endswith("iql") and os.path.exists(iql_path) else None}
         if os.path.exists(path) and not args.force:
             with open(path) as f:
-                results[m] = json.load(f)
-            print(f"[eval] {m}: cached in {path}")
-            continue
+                cached = json.load(f)
+            if cached.get("settings") == settings:
+                results[m] = cached
+                print(f"[eval] {m}: cached in {path}")
+                continue
+            print(f"[eval] {m}: {path} was made with other settings (or another selector); re-running")
         policy = _policy_for(m, args, cfg, best)
         if m.startswith("teacher-"):
             focal = ng.SimTeacher(cfg)
@@ -495,7 +513,8 @@ def evaluate(args):
         recs = _play(cfg, args.domain_list, ids, args.seeds, focal, cp, policy, args.seed, args.persona,
                      args.scenario_seed)
         summ = {d: ng.summarize([r for r in recs if r["domain"] == d]) for d in args.domain_list}
-        results[m] = {"method": m, "summary": summ, "seconds": round(time.time() - t0, 1), "records": recs}
+        results[m] = {"method": m, "settings": settings, "summary": summ, "seconds": round(time.time() - t0, 1),
+                      "records": recs}
         write_json_atomic(path, results[m])
         print(f"[eval] {m}: {len(recs)} episodes in {time.time() - t0:.1f}s -> {path}")
     where = "held-out scenarios 80-99" if args.split == "test" else "training scenarios 0-79 (validation)"
@@ -542,7 +561,7 @@ def summary(args):
     for d in sorted({r["domain"] for r in records}) + ["all"]:
         recs = [r for r in records if d == "all" or r["domain"] == d]
         s = ng.summarize(recs)
-        scores = [t["score"] for r in recs for t in r["turns"] if "score" in t]
+        scores = [t["score"] for r in recs for t in r["turns"] if t.get("score") is not None]
         judge_m = ng.bootstrap_ci(scores) if scores else (float("nan"),) * 3
         out[d] = dict(s, judge=judge_m)
         rows.append(f"| {d} | {s['n']} | {_fmt(s['success'], True)} | {_fmt(s['utility'])} | "
@@ -658,6 +677,13 @@ def _bench_generate(args, cfg, perceiver):
 # CLI
 # ----------------------------------------------------------------------------------------
 
+def _positive(text):
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="emodistill.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -675,7 +701,8 @@ def build_parser():
     c.add_argument("--seeds-per-scenario", type=int, default=50)
     c.add_argument("--scenarios", default="train", help="train (0-79), test (80-99) or ids like 0-9,12")
     c.add_argument("--emotions", default="", help="comma-separated subset for the random behaviour policy")
-    c.add_argument("--persona", default=None, help="force one counterparty persona (e.g. a held-out one)")
+    c.add_argument("--persona", default=None,
+                   help="force one counterparty persona: a persona name, or 'heldout' for each domain's held-out one")
     c.add_argument("--seed", type=int, default=0, help="episode randomness (emotions, teacher, counterparty)")
     c.add_argument("--scenario-seed", type=int, default=0, help="which 100 scenarios per domain")
     c.add_argument("--batch-size", type=int, default=None,
@@ -692,7 +719,7 @@ def build_parser():
     q.add_argument("--expectile", type=float, default=0.7)
     q.add_argument("--beta", type=float, default=3.0)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--save-every", type=int, default=2000, help="checkpoint interval in steps")
+    q.add_argument("--save-every", type=_positive, default=2000, help="checkpoint interval in steps")
     q.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
     e = common(sub.add_parser("eval", help="evaluate methods on held-out scenarios"))
     e.add_argument("--methods", default=",".join(TEACHER_METHODS),
@@ -703,7 +730,8 @@ def build_parser():
     e.add_argument("--select-seeds", type=int, default=3, help="seeds per training scenario for best-fixed")
     e.add_argument("--student", default="smollm2", help="the LM expresser of non-teacher methods")
     e.add_argument("--counterparty", default="sim")
-    e.add_argument("--persona", default=None, help="evaluate against one persona (e.g. the held-out one)")
+    e.add_argument("--persona", default=None,
+                   help="evaluate against one persona: a name, or 'heldout' for each domain's held-out one")
     e.add_argument("--sample", action="store_true", help="sample the selector's emotion instead of greedy")
     e.add_argument("--seed", type=int, default=0, help="episode randomness; the same for every method")
     e.add_argument("--scenario-seed", type=int, default=0, help="which 100 scenarios per domain")

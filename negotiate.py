@@ -187,9 +187,11 @@ def _parse_domain(key, d):
         _range(ranges, f, f"{w} context.ranges")
     sc = _need(d, "scenario", dict, w)
     s0, b0 = _range(sc, "s0", f"{w} scenario"), _range(sc, "b0", f"{w} scenario")
-    if (prefers == "lower" and not s0[1] < b0[0]) or (prefers == "higher" and not b0[1] < s0[0]):
-        raise DomainConfigError(f"{w}: scenario ranges s0={s0} and b0={b0} overlap or contradict "
-                                f"focal_prefers={prefers}")
+    grain = _grain(unit)
+    if ((prefers == "lower" and not s0[1] + 2 * grain <= b0[0])
+            or (prefers == "higher" and not b0[1] + 2 * grain <= s0[0])):
+        raise DomainConfigError(f"{w}: scenario ranges s0={s0} and b0={b0} overlap, lie closer than two "
+                                f"{unit} steps ({2 * grain}), or contradict focal_prefers={prefers}")
     res = _range(sc, "reservation", f"{w} scenario", lo_min=0)
     if res[1] > 1:
         raise DomainConfigError(f"{w}: field 'scenario.reservation' must lie in [0, 1], got {res}")
@@ -445,16 +447,25 @@ def _parse_offer(t, unit):
 
 
 _ACCEPT = re.compile(r"\b(?:i|we)\s+(?:(?:can|will|do)\s+)?(?:accept|agree)\b|\bit'?s a deal\b|\b(?:we|you) have a deal\b|"
-                     r"\bdeal\b[.!]|^\s*deal\b|\bagreed\b|(?:days?|weeks?|months?|minutes?|hours?|[ap]\.?m\.?)\s+it is\b|\b(?:that )?works for me\b|\bthat works\b|"
-                     r"\bfine with me\b|\block (?:that|it) in\b")
-_NEG = re.compile(r"\b(?:not|n't|never|cannot|can't|won't|no)\s+(?:\w+\s+)?(?:accept|agree|deal|work)")
+                     r"^\s*deal\b|\bagreed\b|(?:days?|weeks?|months?|minutes?|hours?|[ap]\.?m\.?)\s+it is\b|"
+                     r"\b(?:that )?works for me\b|\bthat works\b|\bfine with me\b|\block (?:that|it) in\b")
+_NEG = re.compile(r"(?:\b(?:not|never|no|cannot)|n't)\s+(?:\w+\s+){0,2}(?:accept|agree|deal|work|fine|good)"
+                  r"|\b(?:bad|terrible|awful|lousy|poor) deal\b")
 _WALK = re.compile(r"\bwalk(?:ing)? away\b|\bi'?m done\b|\bi am done\b|\bend this\b|\bgoodbye\b|\bno deal\b")
 
 
 def detect_accept(text):
-    """An explicit acceptance ("I accept", "we have a deal"), not negated ("I can't accept")."""
+    """An explicit acceptance ("I accept", "we have a deal") in a clause that is not a
+    question and not negated ("I can't accept", "I don't think that works for me")."""
     t = text.lower()
-    return bool(_ACCEPT.search(t)) and not _NEG.search(t) and not _WALK.search(t)
+    if _WALK.search(t):
+        return False
+    for clause in re.findall(r"(?:\d[.:]\d|[^.!?;,])+[.!?;,]?", t):
+        if clause.rstrip().endswith("?") or _NEG.search(clause):
+            continue
+        if _ACCEPT.search(clause.strip()):
+            return True
+    return False
 
 
 def detect_walk_away(text):
@@ -515,10 +526,18 @@ def _grain(unit):
 
 def make_scenarios(dom: Domain, seed=0, persona=None):
     """The domain's 100 scenarios, a pure function of (domain key, seed). Ids 0-79 train,
-    80-99 test. Training personas are assigned round-robin; `persona` overrides (e.g. the
-    held-out one) without changing any other field."""
+    80-99 test. Training personas are assigned round-robin; `persona` (a name, or "heldout"
+    for the domain's held-out persona) overrides that without changing any other field."""
     out, g = [], _grain(dom.unit)
     names = [p.name for p in dom.train_personas]
+    if persona == "heldout":
+        held = [p.name for p in dom.personas.values() if p.heldout]
+        if not held:
+            raise DomainConfigError(f"domain '{dom.key}': no held-out persona defined")
+        persona = held[0]
+    elif persona is not None and persona not in dom.personas:
+        raise DomainConfigError(f"domain '{dom.key}': unknown persona '{persona}' "
+                                f"(known: {', '.join(dom.personas)}, or 'heldout')")
     for i in range(N_SCENARIOS):
         r = _rng("scenario", seed, dom.key, i)
         s0 = round(r.uniform(*dom.s0) / g) * g
@@ -984,7 +1003,9 @@ def _apply(ep, speaker, reply, cfg, perceiver, emotion=None):
     f, c = ep.offers["focal"], ep.offers["counterparty"]
     if offer is not None and f is not None and c is not None:
         if abs(f - c) <= tolerance_of(ep.sc.s0, ep.sc.b0, ep.dom.unit, cfg.tolerance):
-            ep.end, ep.agreement = "converged", ep.offers[other]
+            # settle at the offer less favourable to the focal side: within the tolerance the
+            # counterparty has conceded no further than its own offer (never past its reservation)
+            ep.end, ep.agreement = "converged", min((f, c), key=lambda x: position(x, ep.sc.s0, ep.sc.b0))
             return
     if ep.t >= cfg.max_turns:
         ep.end = "max_turns"

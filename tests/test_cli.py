@@ -150,3 +150,62 @@ def test_a_fifth_domain_needs_only_a_yaml_entry(tmp_path):
     assert run("judge", "--out", out, "--domains-file", path) == 0
     recs, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
     assert {r["domain"] for r in recs} == {"rent"} and len(recs) == 10
+
+
+def test_finished_stages_are_not_reused_with_other_inputs(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("collect", "--out", out, *SMALL) == 0
+    assert run("judge", "--out", out) == 0
+    capsys.readouterr()
+    assert run("collect", "--out", out, *SMALL, "--seed", "7") == 2          # not silently skipped
+    assert "other settings" in capsys.readouterr().err
+    assert run("collect", "--out", out, *SMALL, "--seed", "7", "--force") == 0
+    assert run("judge", "--out", out) == 2                                    # the corpus changed
+    assert "corpus_sha" in capsys.readouterr().err
+    assert run("judge", "--out", out, "--force") == 0
+
+
+def test_heldout_persona_in_every_domain(tmp_path, cfg, capsys):
+    out = str(tmp_path / "run")
+    assert run("collect", "--out", out, *SMALL, "--persona", "heldout") == 0
+    recs, _ = emodistill.read_jsonl(os.path.join(out, "corpus.jsonl"))
+    held = {d: next(p.name for p in dom.personas.values() if p.heldout) for d, dom in cfg.domains.items()}
+    assert all(r["persona"] == held[r["domain"]] for r in recs)
+    assert run("collect", "--out", str(tmp_path / "r2"), *SMALL, "--persona", "nobody") == 2
+    assert "unknown persona 'nobody'" in capsys.readouterr().err
+
+
+def test_eval_cache_follows_settings(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["--methods", "teacher-random", "--domains", "crad"]
+    assert run("eval", "--out", out, *args, "--seeds", "1") == 0
+    assert run("eval", "--out", out, *args, "--seeds", "1") == 0
+    assert "cached" in capsys.readouterr().out
+    assert run("eval", "--out", out, *args, "--seeds", "2") == 0
+    text = capsys.readouterr().out
+    assert "other settings" in text and "| teacher-random | 40 |" in text
+
+
+def test_convergence_never_settles_past_the_counterpartys_offer(cfg):
+    dom = cfg.domains["crad"]
+    sc = ng.make_scenarios(dom)[0]
+    ep = ng.new_episode(dom, sc, 0)
+    r = sc.reservation
+    x_f = float(int(r) - 1)            # the focal asks slightly past the reservation (crad: fewer days)
+    ng._apply(ep, "focal", ng.Reply(f"I need it in {int(x_f)} days."), cfg, ng.Perceiver(cfg.emotions), "neutral")
+    ng._apply(ep, "counterparty", ng.Reply(f"I can do {int(x_f) + 2} days."), cfg, ng.Perceiver(cfg.emotions))
+    assert ep.end == "converged" and ep.agreement == x_f + 2
+
+
+def test_summary_ignores_missing_llm_scores(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("collect", "--out", out, *SMALL) == 0
+    assert run("judge", "--out", out) == 0
+    path = os.path.join(out, "judged.jsonl")
+    recs, _ = emodistill.read_jsonl(path)
+    recs[0]["turns"][0]["score"] = None
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+    assert run("summary", "--out", out) == 0
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| all |")][0]
+    assert row.rstrip().split("|")[-2].strip() != "-"

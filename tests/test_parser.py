@@ -72,6 +72,11 @@ def test_accept_and_walk_detection():
     assert not ng.detect_accept("I can't accept 30 days.")
     assert not ng.detect_accept("I will not agree to that.")
     assert not ng.detect_accept("That is no deal at all, I'm done.")
+    for text in ["I haven't agreed to anything yet.", "I don't think that works for me.", "That is not a good deal.",
+                 "That is a terrible deal!", "Is 30 days agreed?", "No, that is not fine with me",
+                 "I cannot say that works for me.", "In bed by 11, deal?"]:
+        assert not ng.detect_accept(text), text
+    assert ng.detect_accept("Fine. I accept 45 days; send the papers.")
     assert ng.detect_walk_away("This is going nowhere; I'm done talking.")
     assert ng.detect_walk_away("I will walk away now.")
     assert not ng.detect_walk_away("Let us keep talking about 30 days.")
