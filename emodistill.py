@@ -195,9 +195,9 @@ class PartialJsonl:
         os.replace(self.partial, self.path)
 
 
-def _progress(total, desc, initial=0):
+def _progress(total, desc, initial=0, unit="traj"):
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="traj", dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                 disable=os.environ.get("EMODISTILL_NO_PROGRESS") == "1")
 
 
@@ -317,8 +317,7 @@ def judge(args):
     for s in range(0, len(todo), 512):
         chunk = todo[s:s + 512]
         for rec in chunk:
-            for j in ng.judge_record(rec, cfg):
-                rec["turns"][j["turn"]].update(score=j["score"], components=j["components"])
+            ng.add_judge_scores(rec, cfg)
             rec["judge"] = args.judge
         if llm is not None:  # the LLM's score replaces the rubric total; components stay
             asks = [(rec, i) for rec in chunk for i, t in enumerate(rec["turns"]) if t["speaker"] == "focal"]
@@ -340,13 +339,7 @@ def make_judge(spec, cfg, batch_size=64):
     """An LLM judge: a callable (list of chat messages) -> list of answer texts.
     `hf:<model>` / `smollm2` decode greedily in batches; `api:<model>` uses ApiAgent.chat."""
     if spec.startswith("api:"):
-        from concurrent.futures import ThreadPoolExecutor
-        agent = ng.ApiAgent(spec[4:], cfg, temperature=0.0, max_tokens=16)
-
-        def ask_api(batch):
-            with ThreadPoolExecutor(max_workers=agent.workers) as pool:
-                return list(pool.map(agent.chat, batch))
-        return ask_api
+        return ng.ApiAgent(spec[4:], cfg, temperature=0.0, max_tokens=16).chat_many
     if spec == "smollm2" or spec.startswith("hf:"):
         model, tok = load_lm(spec)
         agent = ng.LMAgent(model, tok, cfg, temperature=0, max_new_tokens=12, batch_size=batch_size, kv_cache=False)
@@ -373,7 +366,6 @@ def _load_judged(args):
 def train_iql(args):
     """Train the IQL emotion selector on the judged corpus -> runs/NAME/iql.pt (resumable)."""
     import iql
-    from tqdm import tqdm
     cfg = ng.load_config(args.domains_file)
     hp = iql.IQLConfig(steps=args.steps, expectile=args.expectile, beta=args.beta, seed=args.seed)
     path = os.path.join(args.out, "iql.pt")
@@ -395,8 +387,7 @@ def train_iql(args):
         print(f"[iql] resuming from step {step}")
     print(f"[iql] {len(data['a'])} transitions from {len(records)} trajectories, {data['s'].shape[1]} features, "
           f"domains {domains}")
-    bar = tqdm(total=hp.steps, initial=step, desc="iql", unit="step", dynamic_ncols=True,
-               disable=os.environ.get("EMODISTILL_NO_PROGRESS") == "1")
+    bar = _progress(hp.steps, "iql", step, unit="step")
     t0 = time.time()
     while step < hp.steps:
         stop = min(step + args.save_every, hp.steps)
@@ -606,8 +597,7 @@ def bench(args):
                         ng.random_emotion_policy(), perceiver)
         recs = [ng.to_record(ep) for ep in eps]
         for rec in recs:
-            for j in ng.judge_record(rec, cfg):
-                rec["turns"][j["turn"]]["score"] = j["score"]
+            ng.add_judge_scores(rec, cfg)
         hp = iql.IQLConfig(steps=2000, log_every=10 ** 9)
         data = iql.transitions(recs, list(cfg.domains), hp, cfg.max_turns)
         t0 = time.time()
@@ -625,6 +615,8 @@ def _bench_generate(args, cfg, perceiver):
     `model.generate` (prefill + decode), our cached decoder from scratch (prefill and decode
     timed apart), and a multi-turn collection where the cache is reused between turns."""
     import torch
+
+    import decode
     model, tok = load_lm(args.model)
     print(f"generate[{args.model}]: device {next(model.parameters()).device}, dtype {model.dtype}, "
           f"torch threads {torch.get_num_threads()}, {args.new_tokens} new tokens max")
@@ -646,7 +638,7 @@ def _bench_generate(args, cfg, perceiver):
         hf.generate(texts)
         print(f"  model.generate  batch {bs:>3}: {hf.generated_tokens / hf.gen_seconds:6.1f} new tokens/s "
               f"end to end ({hf.prompt_tokens // n} prompt tokens each, run every turn)")
-        if not hasattr(hf, "decoder") and not __import__("decode").supports(model):
+        if not decode.supports(model):
             continue
         kv = ng.LMAgent(model, tok, cfg, batch_size=bs, max_new_tokens=args.new_tokens, kv_cache=True)
         for ep in eps[:n]:

@@ -944,12 +944,15 @@ class ApiAgent:
                 last = f"malformed response ({type(e).__name__}: {e})"
         raise ApiError(f"API endpoint {url} (model '{self.model}') failed after {attempt + 1} attempt(s): {last}")
 
+    def chat_many(self, batch):
+        """Answers to a list of message lists, `workers` requests at a time, in order."""
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return list(pool.map(self.chat, batch))
+
     def act(self, eps, emotions=None):
         emotions = emotions or [None] * len(eps)
         msgs = [build_messages(self.cfg, ep, self.role, emo, self.emotion_free) for ep, emo in zip(eps, emotions)]
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            texts = list(pool.map(self.chat, msgs))
-        texts = [_clean_reply(t) for t in texts]
+        texts = [_clean_reply(t) for t in self.chat_many(msgs)]
         return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t)) for t in texts]
 
 
@@ -1087,6 +1090,13 @@ def summarize(records):
 
 JUDGE_WEIGHTS = {"offer": 0.20, "firmness": 0.15, "effect": 0.25, "closing": 0.20, "fidelity": 0.10,
                  "fluency": 0.10}
+
+
+def add_judge_scores(rec, cfg: Config):
+    """Write the rubric judge's score and components into the focal turns of `rec` (in place)."""
+    for j in judge_record(rec, cfg):
+        rec["turns"][j["turn"]].update(score=j["score"], components=j["components"])
+    return rec
 
 
 def _words(text):
