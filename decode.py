@@ -18,6 +18,8 @@ Layout of one batched call (B sequences, P_b cached tokens, S_b new prompt token
 
 Pads are masked out, positions are explicit (P_b + i), so rows of different lengths share
 one preallocated cache tensor per layer and the newest token of every row is the last column.
+Once half the rows of a call have produced their end token, those rows are handed back and
+dropped from the batch, so a call does not keep paying for replies that have already ended.
 """
 from __future__ import annotations
 
@@ -154,35 +156,46 @@ class KVDecoder:
         next_pos = torch.tensor([n + s for n, s in zip(reuse, new)], device=dev)
         eos = self.eos.to(dev)
         out = torch.zeros(B, self.max_new_tokens, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.full((B,), self.max_new_tokens, dtype=torch.long, device=dev)
-        steps = 0
+        rows = torch.arange(B, device=dev)           # which prompt each row of K/V/valid/logits is
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        new_tokens, new_caches = [None] * B, [None] * B
+
+        def hand_back(local, b, stored):
+            """Row `local` (prompt b) is finished: its tokens and its cache (the valid columns
+            before `stored`, in order: prompt + generated tokens that have keys/values)."""
+            gen = out[b, :int(lengths[b])].tolist()
+            cols = valid[local, :stored].nonzero().squeeze(-1)
+            seq = prompts[b] + gen
+            keep = cols[:len(seq)]
+            kv = torch.stack([torch.stack((K[li][local][:, keep], V[li][local][:, keep]))
+                              for li in range(self.n_layers)])             # L,2,kv,n,hd
+            new_tokens[b] = gen
+            new_caches[b] = KVCache(seq[:kv.shape[3]], kv)
+
         for t in range(self.max_new_tokens):
-            tok = self._sample(logits, generator)
-            out[:, t] = tok
+            tok = self._sample(logits, generator)                          # rows
+            out[rows, t] = tok
             hit = torch.isin(tok, eos) & ~done
-            lengths[hit] = t + 1
+            self.decoded_tokens += int((~done).sum())  # tokens of rows still generating
+            lengths[rows[hit]] = t + 1
             done |= hit
-            steps = t + 1
+            stored = maxP + maxS + t                 # columns with keys/values so far
             if bool(done.all()) or t + 1 == self.max_new_tokens:
                 break
+            if int(done.sum()) * 2 >= len(rows):     # most rows finished: hand them back, drop them
+                for local in done.nonzero().squeeze(-1).tolist():
+                    hand_back(local, int(rows[local]), stored)
+                keep = (~done).nonzero().squeeze(-1)
+                K, V = [k[keep] for k in K], [v[keep] for v in V]
+                valid, rows, next_pos, tok = valid[keep], rows[keep], next_pos[keep], tok[keep]
+                done = done[keep]
             c = maxP + maxS + t
             valid[:, c] = True
             logits = self._forward(tok[:, None], next_pos[:, None], K, V, valid, c)
             next_pos += 1
         self.prefill_seconds += t1 - t0
         self.decode_seconds += time.perf_counter() - t1
-        self.decoded_tokens += int(torch.minimum(lengths, torch.tensor(steps)).sum())
-        # hand back each row's cache: the valid columns, in order (prompt + generated tokens)
-        new_tokens, new_caches = [], []
-        stored = maxP + maxS + steps - 1  # the last sampled token has no keys/values yet
-        for b in range(B):
-            gen = out[b, :min(int(lengths[b]), steps)].tolist()
-            cols = valid[b, :stored].nonzero().squeeze(-1)
-            seq = prompts[b] + gen
-            keep = cols[:len(seq)]
-            kv = torch.stack([torch.stack((K[li][b][:, keep], V[li][b][:, keep]))
-                              for li in range(self.n_layers)])             # L,2,kv,n,hd
-            new_tokens.append(gen)
-            new_caches.append(KVCache(seq[:kv.shape[3]], kv))
+        for local, b in enumerate(rows.tolist()):
+            hand_back(local, b, stored)
         return new_tokens, new_caches

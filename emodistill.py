@@ -3,6 +3,10 @@
     python emodistill.py collect  --out runs/NAME   # SPEC §1 stage 1: offline corpus
     python emodistill.py judge    --out runs/NAME   # stage 2: per-turn judge scores
     python emodistill.py summary  --out runs/NAME   # outcome table of a run
+    python emodistill.py iql      --out runs/NAME   # stage 3: the emotion selector (iql.py)
+    python emodistill.py sft      --out runs/NAME   # stage 4: LoRA SFT on top-advantage turns (lora.py)
+    python emodistill.py jpo      --out runs/NAME   # stage 5: Judge Policy Optimization (jpo.py)
+    python emodistill.py eval     --out runs/NAME   # held-out evaluation, results.md
     python emodistill.py bench                      # throughput numbers for this machine
 
 This is the only module that imports the others. It also loads language models: `load_lm`
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -99,18 +104,24 @@ def load_lm(spec="smollm2", device=None, dtype=None):
     return model.to(device).eval(), tok
 
 
-def make_agent(spec, role, cfg, seed=0, batch_size=32, emotion_free=False, model_cache=None):
-    """Agent from a command-line spec: sim | smollm2 | hf:<id or path> | api:<model>."""
+def make_agent(spec, role, cfg, seed=0, batch_size=32, emotion_free=False, model_cache=None, adapter=None):
+    """Agent from a command-line spec: sim | smollm2 | hf:<id or path> | api:<model>.
+    `adapter`: a LoRA adapter folder loaded onto (a private copy of) the LM and merged."""
     if spec == "sim":
         return ng.SimTeacher(cfg) if role == "focal" else ng.SimCounterparty(cfg)
     if spec.startswith("api:"):
         return ng.ApiAgent(spec[4:], cfg, role=role, emotion_free=emotion_free)
-    if spec == "smollm2" or spec.startswith("hf:"):
+    if spec == "smollm2" or spec.startswith("hf:") or os.path.isdir(spec):
         key = spec[3:] if spec.startswith("hf:") else spec
         cache = model_cache if model_cache is not None else {}
-        if key not in cache:
-            cache[key] = load_lm(key)
-        model, tok = cache[key]
+        if (key, adapter) not in cache:
+            model, tok = load_lm(key)
+            if adapter:
+                import lora
+                lora.load_adapter(model, adapter)
+                lora.merge(model)
+            cache[(key, adapter)] = (model, tok)
+        model, tok = cache[(key, adapter)]
         return ng.LMAgent(model, tok, cfg, role=role, batch_size=batch_size, emotion_free=emotion_free, seed=seed)
     raise ValueError(f"unknown agent spec '{spec}' (use sim, smollm2, hf:<model>, api:<model>)")
 
@@ -285,6 +296,12 @@ def collect(args):
     return path
 
 
+def _need(path, hint):
+    if not os.path.exists(path):
+        raise StageError(f"{path} not found; {hint}")
+    return path
+
+
 def _sha(path):
     import hashlib
     with open(path, "rb") as f:
@@ -402,15 +419,208 @@ def train_iql(args):
 
 
 # ----------------------------------------------------------------------------------------
+# SFT: teach the student how to express the chosen emotion (lora.py)
+# ----------------------------------------------------------------------------------------
+
+def select_sft_turns(records, adv, where, top_k, max_examples, seed):
+    """The focal turns to imitate: per domain, the top `top_k` percent by advantage; when that
+    is more than `max_examples` in all, a seeded random sample of them, the same number per
+    domain. Per domain so that a domain with larger advantages does not crowd out the others.
+    Returns (record index, turn index, advantage) triples."""
+    import numpy as np
+    by_dom = {}
+    for (ri, ti), a in zip(where, adv):
+        by_dom.setdefault(records[ri]["domain"], []).append((float(a), ri, ti))
+    rng = np.random.default_rng(seed)
+    cap = max(1, max_examples // len(by_dom)) if max_examples else None
+    out = []
+    for d in sorted(by_dom):
+        rows = sorted(by_dom[d], key=lambda x: (-x[0], x[1], x[2]))
+        keep = rows[:max(1, math.ceil(len(rows) * top_k / 100))]
+        if cap and len(keep) > cap:
+            keep = [keep[i] for i in sorted(rng.choice(len(keep), cap, replace=False))]
+        out += [(ri, ti, a) for a, ri, ti in keep]
+    return out
+
+
+def sft_prompt(cfg, tok, rec, turn_index, emotion_free=False):
+    """The exact text LMAgent feeds the model before focal turn `turn_index` of `rec`."""
+    ep = ng.episode_from_record(cfg, rec, turn_index)
+    emotion = rec["turns"][turn_index].get("emotion")
+    return tok.apply_chat_template(ng.build_messages(cfg, ep, "focal", emotion, emotion_free),
+                                   add_generation_prompt=True, tokenize=False)
+
+
+def _adapter_name(args):
+    return args.name or ("sft-emotion-free" if args.emotion_free else "sft")
+
+
+def train_sft(args):
+    """LoRA SFT of the student on the top-K% advantage focal turns -> runs/NAME/<name>/ (adapter)."""
+    import torch
+
+    import iql
+    import lora
+    cfg = ng.load_config(args.domains_file)
+    name = _adapter_name(args)
+    folder = os.path.join(args.out, name)
+    _need(os.path.join(args.out, "judged.jsonl"), "run judge first")
+    sel_path = _need(os.path.join(args.out, "iql.pt"), "sft ranks turns with the IQL value net: run iql first")
+    hp = lora.SFTConfig(r=args.r, alpha=args.alpha, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, seed=args.seed)
+    from dataclasses import asdict
+    settings = {"student": args.student, "emotion_free": args.emotion_free, "top_k": args.top_k,
+                "max_examples": args.max_examples, "config": asdict(hp), "selector_sha": _sha(sel_path),
+                "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")), "domains_file_sha": _sha(args.domains_file)}
+    _prepare_out(args.out, f"{name}.json", settings, args.force)
+    if os.path.exists(os.path.join(folder, "adapter_config.json")) and not args.force:
+        print(f"[sft] {folder} is complete; skipping (use --force to redo)")
+        return folder
+    ckpt = os.path.join(args.out, f"{name}.state.pt")
+    if args.force and os.path.exists(ckpt):
+        os.remove(ckpt)
+    records = _load_judged(args)
+    model_q, _, _, _, spec = iql.load(sel_path)
+    records = [r for r in records if r["domain"] in spec["domains"]]
+    data = iql.transitions(records, spec["domains"], iql.IQLConfig(**spec["config"]), spec["max_turns"])
+    adv = iql.advantages(model_q, data, spec["config"]["gamma"]).tolist()
+    picked = select_sft_turns(records, adv, data["where"], args.top_k, args.max_examples, args.seed)
+    model, tok = load_lm(args.student)
+    rows = [{"key": records[ri]["key"], "turn": ti, "domain": records[ri]["domain"],
+             "emotion": records[ri]["turns"][ti].get("emotion"), "advantage": round(a, 4),
+             "prompt": sft_prompt(cfg, tok, records[ri], ti, args.emotion_free),
+             "response": records[ri]["turns"][ti]["text"]} for ri, ti, a in picked]
+    n_all, adv_mean = len(adv), sum(adv) / len(adv)
+    del records, data, adv                                  # the corpus is not needed while training
+    sink = PartialJsonl(os.path.join(args.out, f"{name}_data.jsonl"))
+    if os.path.exists(sink.partial):
+        os.remove(sink.partial)
+    sink.append(rows)
+    sink.finish()
+    print(f"[sft] {len(rows)} examples: top {args.top_k}% of {n_all} focal turns by IQL advantage per domain"
+          + (f", sampled down to {args.max_examples}" if len(rows) < math.ceil(n_all * args.top_k / 100) else "")
+          + f"; mean advantage {sum(r['advantage'] for r in rows) / len(rows):.3f} (all turns "
+          f"{adv_mean:.3f}){'; emotion-free prompts' if args.emotion_free else ''}")
+    examples = [lora.encode_example(tok, r["prompt"], r["response"]) for r in rows]
+    lens = sorted(len(e["input_ids"]) for e in examples)
+    print(f"[sft] tokens per example: median {lens[len(lens) // 2]}, max {lens[-1]}; "
+          f"response tokens per example: {sum(sum(x != -100 for x in e['labels']) for e in examples) / len(examples):.1f}")
+    torch.manual_seed(args.seed)
+    lora.inject(model, r=hp.r, alpha=hp.alpha, dropout=hp.dropout)
+    n_steps = math.ceil(math.ceil(len(examples) * (1 - hp.heldout_frac) / hp.batch_size) * hp.epochs / hp.grad_accum)
+    bar = _progress(n_steps, "sft", unit="step")
+    stats = lora.train_sft(model, examples, tok.pad_token_id or 0, hp, ckpt=ckpt, log=bar.write,
+                           progress=bar.update, stop_after=args.stop_after)
+    bar.close()
+    if stats.get("stopped") == "stop_after":
+        print(f"[sft] stopped after {stats['step']} steps as asked; re-run to continue from {ckpt}")
+        return None
+    lora.save_adapter(model, folder, args.student)
+    write_json_atomic(os.path.join(folder, "train_stats.json"), stats)
+    print(f"[sft] {folder}: held-out loss {stats.get('initial_heldout', float('nan')):.4f} before training, "
+          f"best {stats['best']:.4f} at step {stats['best_step']} of "
+          f"{stats['total_steps']} ({stats['n_train']} train / {stats['n_heldout']} held-out examples), "
+          f"{stats['tokens']} tokens in {stats['seconds']}s")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------
+# JPO: refine the SFT adapter with the judge's scores (jpo.py)
+# ----------------------------------------------------------------------------------------
+
+def select_jpo_turns(records, scenarios_per_domain, group_size, seed):
+    """Offline groups for JPO: per domain, `scenarios_per_domain` training scenarios drawn at
+    random, and in each `group_size` judged focal turns drawn at random from all of that
+    scenario's trajectories. Returns (record index, turn index, group key) triples."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    pool = {}
+    for ri, rec in enumerate(records):
+        for ti, t in enumerate(rec["turns"]):
+            if t["speaker"] == "focal" and t.get("score") is not None and t.get("emotion"):
+                pool.setdefault((rec["domain"], rec["scenario_id"]), []).append((ri, ti))
+    out = []
+    for d in sorted({k[0] for k in pool}):
+        keys = sorted(k for k in pool if k[0] == d)
+        for k in [keys[i] for i in sorted(rng.choice(len(keys), min(scenarios_per_domain, len(keys)), replace=False))]:
+            turns = pool[k]
+            pick = rng.choice(len(turns), min(group_size, len(turns)), replace=False)
+            out += [(turns[i][0], turns[i][1], f"{k[0]}-{k[1]}") for i in sorted(pick)]
+    return out
+
+
+def train_jpo(args):
+    """JPO of the SFT adapter on offline focal turns with judge scores -> runs/NAME/<name>/."""
+    import torch
+
+    import jpo
+    import lora
+    cfg = ng.load_config(args.domains_file)
+    name = args.name or ("jpo-emotion-free" if args.emotion_free else "jpo")
+    init = os.path.join(args.out, "sft-emotion-free" if args.emotion_free else "sft")
+    folder = os.path.join(args.out, name)
+    _need(os.path.join(args.out, "judged.jsonl"), "run judge first")
+    if not os.path.exists(os.path.join(init, "adapter_model.safetensors")):
+        raise StageError(f"jpo starts from the SFT adapter {init}, which is missing; run "
+                         f"`emodistill.py sft{' --emotion-free' if args.emotion_free else ''}` first")
+    hp = jpo.JPOConfig(clip_eps=args.clip_eps, kl_coef=args.kl_coef, lr=args.lr, epochs=args.epochs,
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed)
+    from dataclasses import asdict
+    settings = {"student": args.student, "emotion_free": args.emotion_free, "config": asdict(hp),
+                "scenarios_per_domain": args.scenarios_per_domain, "group_size": args.group_size,
+                "sft_sha": _sha(os.path.join(init, "adapter_model.safetensors")),
+                "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")), "domains_file_sha": _sha(args.domains_file)}
+    _prepare_out(args.out, f"{name}.json", settings, args.force)
+    if os.path.exists(os.path.join(folder, "adapter_config.json")) and not args.force:
+        print(f"[jpo] {folder} is complete; skipping (use --force to redo)")
+        return folder
+    ckpt = os.path.join(args.out, f"{name}.state.pt")
+    if args.force and os.path.exists(ckpt):
+        os.remove(ckpt)
+    records = [r for r in _load_judged(args) if r["domain"] in cfg.domains]
+    picked = select_jpo_turns(records, args.scenarios_per_domain, args.group_size, args.seed)
+    if not picked:
+        raise StageError("no judged focal turns to optimise on")
+    model, tok = load_lm(args.student)
+    lora.load_adapter(model, init)
+    prompts = [sft_prompt(cfg, tok, records[ri], ti, args.emotion_free) for ri, ti, _ in picked]
+    examples = [lora.encode_example(tok, p, records[ri]["turns"][ti]["text"]) for p, (ri, ti, _) in zip(prompts, picked)]
+    rewards = [records[ri]["turns"][ti]["score"] for ri, ti, _ in picked]
+    groups = [g for _, _, g in picked]
+    del records
+    print(f"[jpo] {len(examples)} offline focal turns in {len(set(groups))} scenario groups; judge score mean "
+          f"{sum(rewards) / len(rewards):.2f}; starting from {init}{'; emotion-free prompts' if args.emotion_free else ''}")
+    torch.manual_seed(args.seed)
+    total = math.ceil(math.ceil(len(examples) / hp.batch_size) * hp.epochs / hp.grad_accum)
+    bar = _progress(total, "jpo", unit="step")
+    stats = jpo.train_jpo(model, examples, rewards, groups, tok.pad_token_id or 0, hp, ckpt=ckpt, log=bar.write,
+                          progress=bar.update, stop_after=args.stop_after)
+    bar.close()
+    if stats.get("stopped") == "stop_after":
+        print(f"[jpo] stopped after {stats['step']} steps as asked; re-run to continue from {ckpt}")
+        return None
+    lora.save_adapter(model, folder, args.student)
+    write_json_atomic(os.path.join(folder, "train_stats.json"), stats)
+    last = stats["history"][-1]
+    print(f"[jpo] {folder}: {stats['total_steps']} steps in {stats['seconds']}s; last step ratio {last['ratio']:.3f} "
+          f"approx-KL {last['approx_kl']:.4f} clip fraction {last['clip_frac']:.2f}")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------
 # Evaluation on held-out scenarios
 # ----------------------------------------------------------------------------------------
 
 TEACHER_METHODS = ("teacher-random", "teacher-best-fixed", "teacher-iql")
+# methods that run the student with a trained adapter: (emotion chooser, adapter folder in the run)
+ADAPTER_METHODS = {"iql+sft": ("iql", "sft"), "sft-emotion-free": ("vanilla", "sft-emotion-free"),
+                   "emodistill": ("iql", "jpo"), "jpo-emotion-free": ("vanilla", "jpo-emotion-free")}
 
 
 def _policy_for(method, args, cfg, best):
     """The emotion chooser of a method (None = emotion-free), given the best fixed emotion per domain."""
     base = method[len("teacher-"):] if method.startswith("teacher-") else method
+    base = ADAPTER_METHODS.get(base, (base,))[0]
     if base == "vanilla":
         return None
     if base == "random":
@@ -432,13 +642,43 @@ def _policy_for(method, args, cfg, best):
     raise StageError(f"unknown method '{method}'")
 
 
+def _uses_selector(method):
+    return method.endswith("iql") or ADAPTER_METHODS.get(method, ("",))[0] == "iql"
+
+
+def _adapter_folder(out, method):
+    """The adapter folder a method needs (None for the base student); a clear error if missing."""
+    if method not in ADAPTER_METHODS:
+        return None
+    name = ADAPTER_METHODS[method][1]
+    folder = os.path.join(out, name)
+    if not os.path.exists(os.path.join(folder, "adapter_model.safetensors")):
+        stage = "sft" if name.startswith("sft") else "jpo"
+        flag = " --emotion-free" if name.endswith("emotion-free") else ""
+        raise StageError(f"method {method} needs the adapter {folder}; run `emodistill.py {stage}{flag}` first")
+    return folder
+
+
+def _adapter_sha(out, method):
+    folder = _adapter_folder(out, method)
+    return _sha(os.path.join(folder, "adapter_model.safetensors")) if folder else None
+
+
 def _play(cfg, domains, ids, seeds, focal, cp, policy, run_seed, persona=None, scenario_seed=0):
     perceiver = ng.Perceiver(cfg.emotions)
     eps = [ng.new_episode(cfg.domains[d], sc, k, run_seed)
            for d in domains for sc in ng.make_scenarios(cfg.domains[d], scenario_seed, persona) if sc.id in ids
            for k in range(seeds)]
+    bar = _progress(len(eps), "play", unit="episode") if isinstance(focal, ng.LMAgent) else None
     for s in range(0, len(eps), 256):
-        ng.run_episodes(cfg, eps[s:s + 256], focal, cp, policy, perceiver)
+        done = [0]
+
+        def tick(n, base=done):                             # run_episodes reports episodes finished
+            bar.update(n - base[0])
+            base[0] = n
+        ng.run_episodes(cfg, eps[s:s + 256], focal, cp, policy, perceiver, progress=tick if bar else None)
+    if bar:
+        bar.close()
     return [ng.to_record(ep) for ep in eps]
 
 
@@ -483,7 +723,8 @@ def evaluate(args):
                     "scenario_seed": args.scenario_seed, "persona": args.persona, "counterparty": args.counterparty,
                     "student": None if m.startswith("teacher-") else args.student, "sample": args.sample,
                     "best_fixed": best if "best-fixed" in m else None, "domains_file_sha": _sha(args.domains_file),
-                    "selector_sha": _sha(iql_path) if m.endswith("iql") and os.path.exists(iql_path) else None}
+                    "selector_sha": _sha(iql_path) if _uses_selector(m) and os.path.exists(iql_path) else None,
+                    "adapter_sha": _adapter_sha(args.out, m)}
         if os.path.exists(path) and not args.force:
             with open(path) as f:
                 cached = json.load(f)
@@ -497,7 +738,7 @@ def evaluate(args):
             focal = ng.SimTeacher(cfg)
         else:
             focal = make_agent(args.student, "focal", cfg, args.seed, args.lm_batch, emotion_free=policy is None,
-                               model_cache=cache)
+                               model_cache=cache, adapter=_adapter_folder(args.out, m))
         cp = make_agent(args.counterparty, "counterparty", cfg, args.seed + 1, args.lm_batch, model_cache=cache)
         t0 = time.time()
         ids = ng.TEST_IDS if args.split == "test" else ng.TRAIN_IDS
@@ -514,13 +755,25 @@ def evaluate(args):
         lines += ["Best fixed emotion per domain (chosen on training scenarios 0-79): "
                   + ", ".join(f"{d} {e}" for d, e in best.items()), ""]
     for d in args.domain_list:
-        lines += [f"## {d}", "", "| method | n | success % | utility | utility on success | rounds |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## {d}", "", "| method | n | success % | utility | utility on success | rounds "
+                  "| offer in range % | emotion match % |", "|---|---|---|---|---|---|---|---|"]
         for m in methods:
             s = results[m]["summary"][d]
             lines.append(f"| {m} | {s['n']} | {_fmt(s['success'], True)} | {_fmt(s['utility'])} | "
-                         f"{_fmt(s['utility_on_success'])} | {_fmt(s['rounds'])} |")
+                         f"{_fmt(s['utility_on_success'])} | {_fmt(s['rounds'])} | "
+                         f"{_fmt(s.get('offer_in_range', (float('nan'),) * 3), True)} | "
+                         f"{_fmt(s.get('emotion_match', (float('nan'),) * 3), True)} |")
         lines.append("")
+    lines += ["## all domains (pooled)", "", "| method | n | success % | utility | rounds | offer in range % "
+              "| emotion match % |", "|---|---|---|---|---|---|---|"]
+    for m in methods:
+        s = ng.summarize(results[m]["records"])
+        lines.append(f"| {m} | {s['n']} | {_fmt(s['success'], True)} | {_fmt(s['utility'])} | {_fmt(s['rounds'])} | "
+                     f"{_fmt(s['offer_in_range'], True)} | {_fmt(s['emotion_match'], True)} |")
+    lines += ["", "offer in range: share of the focal turns whose offer parses and lies between the two openings; "
+              "emotion match: share of emotion-conditioned focal turns whose perceived emotion (cue lexicon) is the "
+              "requested one. Both are per-episode shares averaged over episodes.", ""]
+    lines += _plots(os.path.join(args.out, args.eval_dir), results, methods, args.domain_list)
     text = "\n".join(lines)
     report = os.path.join(args.out, "results.md" if args.eval_dir == "eval" else f"results-{args.eval_dir}.md")
     with open(report + ".tmp", "w") as f:
@@ -528,6 +781,53 @@ def evaluate(args):
     os.replace(report + ".tmp", report)
     print(text)
     return results
+
+
+def _plots(folder, results, methods, domains):
+    """utility.png (mean utility with 95% CI by method and domain) and emotions_by_turn.png
+    (which emotion each selector-driven method chose at each focal turn), when matplotlib is
+    installed. Returns the lines to add to results.md."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[eval] matplotlib is not installed: plots skipped (pip install matplotlib)")
+        return ["(plots skipped: matplotlib is not installed)"]
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods) * len(domains) / 3), 4))
+    w = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        u = [results[m]["summary"][d]["utility"] for d in domains]
+        x = np.arange(len(domains)) + (k - (len(methods) - 1) / 2) * w
+        ax.bar(x, [a[0] for a in u], w, yerr=[[a[0] - a[1] for a in u], [a[2] - a[0] for a in u]], label=m, capsize=2)
+    ax.set_xticks(np.arange(len(domains)), domains)
+    ax.set_ylabel("mean utility (95% CI)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "utility.png"), dpi=120)
+    plt.close(fig)
+    chosen = [m for m in methods if _uses_selector(m)]
+    if chosen:
+        fig, axes = plt.subplots(1, len(chosen), figsize=(4.5 * len(chosen), 5), squeeze=False)
+        for ax, m in zip(axes[0], chosen):
+            counts = np.zeros((len(ng.EMOTIONS), 10))
+            for r in results[m]["records"]:
+                focal = [t for t in r["turns"] if t["speaker"] == "focal" and t.get("emotion")]
+                for k, t in enumerate(focal[:10]):
+                    counts[ng.EMOTIONS.index(t["emotion"]), k] += 1
+            share = counts / np.maximum(counts.sum(0, keepdims=True), 1)
+            ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            ax.set_yticks(range(len(ng.EMOTIONS)), ng.EMOTIONS, fontsize=6)
+            ax.set_xticks(range(10), range(1, 11))
+            ax.set_xlabel("focal turn")
+            ax.set_title(m, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "emotions_by_turn.png"), dpi=120)
+        plt.close(fig)
+    rel = os.path.basename(folder)
+    return [f"![utility by method and domain]({rel}/utility.png)"] + (
+        [f"![emotion chosen by focal turn]({rel}/emotions_by_turn.png)"] if chosen else [])
 
 
 def _fmt(m, pct=False):
@@ -608,6 +908,8 @@ def bench(args):
               f"20k steps take ~{20000 / (hp.steps / dt) / 60:.1f} min")
     if "generate" in args.what:
         _bench_generate(args, cfg, perceiver)
+    if "sft" in args.what or "jpo" in args.what:
+        _bench_train(args)
 
 
 def _bench_generate(args, cfg, perceiver):
@@ -665,6 +967,84 @@ def _bench_generate(args, cfg, perceiver):
               f"prefill {d.prefill_seconds:.1f}s ({d.prefilled_tokens / d.prefill_seconds:.1f} prompt tokens/s)")
 
 
+def _bench_train(args):
+    """Training-step cost on the student, batch `--train-batch` x `--train-len` tokens with the
+    loss on the last 33 (the size of an SFT example here): the frozen model with no LoRA (the
+    gradient still flows through every layer), our LoRA, and PEFT's LoRA when installed, all
+    forward+backward with the same response-only head; then one JPO optimiser step."""
+    import copy
+
+    import torch
+
+    import jpo
+    import lora
+    base, _ = load_lm(args.model)
+    dev = next(base.parameters()).device
+    B, S, R = args.train_batch, args.train_len, 33
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 40000, (B, S), generator=g).to(dev)                      # B,S
+    labels = torch.full_like(ids, -100)
+    labels[:, -R:] = ids[:, -R:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def step(model):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)          # B,S,D
+        with lora.autocast_for(model):
+            h = model.base_model(inputs_embeds=emb).last_hidden_state                   # B,S,D
+            logits = model.get_output_embeddings()(h[:, -R - 1:-1]).float()            # B,R,V
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, -R:].flatten())
+        loss.backward()
+
+    def timed(model, reps=args.reps):
+        model.train()
+        step(model)                                                                     # warm-up
+        t = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.time()
+            step(model)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t.append(time.time() - t0)
+            model.zero_grad(set_to_none=True)
+        return sorted(t)[len(t) // 2]                                                   # median
+
+    print(f"train[{args.model}]: device {dev}, dtype {base.dtype}, batch {B} x {S} tokens, loss on the last {R}, "
+          f"median of {args.reps} steps")
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    t_base = timed(frozen)
+    del frozen
+    ours = copy.deepcopy(base)
+    torch.manual_seed(0)
+    lora.inject(ours, r=16, alpha=32, dropout=0.05)
+    t_ours = timed(ours)
+    print(f"  no LoRA (frozen) {t_base:.3f}s/step | our LoRA r=16 on q,k,v,o {t_ours:.3f}s/step = "
+          f"{t_ours / t_base:.3f}x the no-LoRA step | SFT {B * S / t_ours:.0f} tokens/s")
+    try:
+        import peft
+    except ImportError:
+        print("  peft not installed: PEFT comparison skipped")
+    else:
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(lora.DEFAULT_TARGETS)))
+        t_peft = timed(pm.base_model.model)
+        print(f"  PEFT LoRA {t_peft:.3f}s/step: ours / PEFT = {t_ours / t_peft:.3f}")
+        del pm
+    opt = torch.optim.AdamW(lora.trainable_parameters(ours), lr=1e-4)
+    ours.eval()
+    with torch.no_grad():
+        ref, _ = lora.token_logprobs(ours, batch)
+    adv = torch.linspace(-1, 1, B, device=dev)
+    jpo.jpo_step(ours, opt, [batch], [ref], [adv], jpo.JPOConfig())                    # warm-up
+    t0 = time.time()
+    for _ in range(args.reps):
+        jpo.jpo_step(ours, opt, [batch], [ref], [adv], jpo.JPOConfig())
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"  JPO optimiser step (batch {B}): {(time.time() - t0) / args.reps:.3f}s")
+
+
 # ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
@@ -713,6 +1093,39 @@ def build_parser():
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--save-every", type=_positive, default=2000, help="checkpoint interval in steps")
     q.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
+    f = common(sub.add_parser("sft", help="LoRA SFT of the student on the top-K%% advantage turns"))
+    f.add_argument("--student", default="smollm2", help="smollm2 | hf:<model> | a local folder")
+    f.add_argument("--emotion-free", action="store_true",
+                   help="train without the emotion block in the prompt (the ablation; adapter 'sft-emotion-free')")
+    f.add_argument("--name", default=None, help="adapter folder under the run (default sft / sft-emotion-free)")
+    f.add_argument("--top-k", type=float, default=10.0, help="percent of focal turns kept, by IQL advantage")
+    f.add_argument("--max-examples", type=int, default=64,
+                   help="cap on examples (a seeded sample of the top-K%%, equal per domain); 0 = no cap")
+    f.add_argument("--epochs", type=float, default=2.0)
+    f.add_argument("--lr", type=float, default=5e-4)
+    f.add_argument("--r", type=int, default=16, help="LoRA rank")
+    f.add_argument("--alpha", type=int, default=32, help="LoRA alpha (scale alpha / r)")
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--grad-accum", type=int, default=1)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    f.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
+    o = common(sub.add_parser("jpo", help="Judge Policy Optimization of the SFT adapter"))
+    o.add_argument("--student", default="smollm2", help="the same student the SFT adapter was trained on")
+    o.add_argument("--emotion-free", action="store_true",
+                   help="start from sft-emotion-free, prompts without the emotion block (adapter 'jpo-emotion-free')")
+    o.add_argument("--name", default=None, help="adapter folder under the run (default jpo / jpo-emotion-free)")
+    o.add_argument("--scenarios-per-domain", type=int, default=8, help="training scenarios (groups) per domain")
+    o.add_argument("--group-size", type=int, default=4, help="offline focal turns per scenario group")
+    o.add_argument("--epochs", type=float, default=2.0)
+    o.add_argument("--lr", type=float, default=2e-4)
+    o.add_argument("--clip-eps", type=float, default=0.2)
+    o.add_argument("--kl-coef", type=float, default=0.04)
+    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--grad-accum", type=int, default=1)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    o.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
     e = common(sub.add_parser("eval", help="evaluate methods on held-out scenarios"))
     e.add_argument("--methods", default=",".join(TEACHER_METHODS),
                    help="comma-separated: vanilla, random, fixed:<emotion>, best-fixed, iql, "
@@ -733,18 +1146,22 @@ def build_parser():
     e.add_argument("--lm-batch", type=int, default=64)
     b = sub.add_parser("bench", help="throughput numbers for this machine")
     b.add_argument("--domains-file", default="domains.yaml")
-    b.add_argument("--what", default="collect,iql,generate")
+    b.add_argument("--what", default="collect,iql,generate,sft", help="any of collect,iql,generate,sft,jpo")
     b.add_argument("--sim-seeds", type=int, default=50)
     b.add_argument("--model", default="smollm2")
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--new-tokens", type=int, default=48)
+    b.add_argument("--train-batch", type=int, default=8, help="sequences per training step (sft, jpo)")
+    b.add_argument("--train-len", type=int, default=560, help="tokens per training sequence (sft, jpo)")
+    b.add_argument("--reps", type=int, default=3, help="timed training steps (median reported)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        {"collect": collect, "judge": judge, "summary": summary, "iql": train_iql, "eval": evaluate,
+        {"collect": collect, "judge": judge, "summary": summary, "iql": train_iql, "sft": train_sft, "jpo": train_jpo,
+         "eval": evaluate,
          "bench": bench}[args.cmd](args)
     except (ng.DomainConfigError, StageError, ValueError, RuntimeError, ng.ApiError) as e:
         print(f"emodistill {args.cmd}: error: {e}", file=sys.stderr)

@@ -101,8 +101,8 @@ def features(turns, s0, b0, domain, domains, max_turns=30):
 
 def transitions(records, domains, cfg: IQLConfig, max_turns=30):
     """Offline dataset (s, a, r, s', done) from judged trajectory records, one row per focal turn."""
-    S, A, R, S2, D = [], [], [], [], []
-    for rec in records:
+    S, A, R, S2, D, W = [], [], [], [], [], []
+    for ri, rec in enumerate(records):
         turns = rec["turns"]
         idx = [i for i, t in enumerate(turns) if t["speaker"] == "focal" and t.get("emotion") in EMOTIONS]
         if not idx:
@@ -123,10 +123,12 @@ def transitions(records, domains, cfg: IQLConfig, max_turns=30):
             R.append(r)
             S2.append(features(nxt, rec["s0"], rec["b0"], rec["domain"], domains, max_turns))
             D.append(float(last))
+            W.append((ri, i))
     if not S:
         raise ValueError("no focal turns with an emotion in the corpus")
     return {"s": torch.tensor(np.stack(S)), "a": torch.tensor(A), "r": torch.tensor(R, dtype=torch.float32),
-            "s2": torch.tensor(np.stack(S2)), "d": torch.tensor(D)}
+            "s2": torch.tensor(np.stack(S2)), "d": torch.tensor(D),
+            "where": W}   # (record index, turn index) of each row
 
 
 # ----------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def load(path, domains=None, cfg: IQLConfig | None = None):
     targets.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=(cfg or IQLConfig(**ck["config"])).lr)
     opt.load_state_dict(ck["opt"])
-    return model, targets, opt, ck["step"], spec
+    return model, targets, opt, ck["step"], dict(spec, config=ck["config"])
 
 
 class Selector:
@@ -289,6 +291,16 @@ class Selector:
         p = self.probs(eps)
         idx = p.argmax(-1) if self.greedy else torch.multinomial(p, 1, generator=self.g).squeeze(1)
         return [EMOTIONS[i] for i in idx.tolist()]
+
+
+@torch.no_grad()
+def advantages(model, data, gamma):
+    """A_t = r_t + gamma V(s_{t+1}) (1 - d_t) - V(s_t) for every row of a transition dict,
+    with the learned V (SPEC §7: how SFT ranks the corpus's focal turns)."""
+    model.eval()
+    v = model.v(model.norm(data["s"])).squeeze(1)                     # N
+    v_next = model.v(model.norm(data["s2"])).squeeze(1)               # N
+    return q_target(data["r"], v_next, data["d"], gamma) - v
 
 
 def value_fn(model, spec):

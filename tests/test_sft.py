@@ -1,0 +1,201 @@
+"""SFT (SPEC §7): the response-only mask on the real chat template, the training prompt equals
+the inference prompt, the loss pieces, turn selection by advantage, and exact resumption."""
+import copy
+
+import pytest
+import torch
+
+import emodistill
+import lora
+import negotiate as ng
+
+
+def _played(cfg, model, tok, emotion_free, n=2, max_turns=6):
+    """Episodes played by an LMAgent, with every prompt it rendered recorded per episode."""
+    dom = cfg.domains["hospital"]
+    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:n]]
+    short = ng.Config(cfg.emotions, cfg.domains, max_turns=max_turns)
+    agent = ng.LMAgent(model, tok, short, max_new_tokens=6, emotion_free=emotion_free)
+    seen = {ep.key: [] for ep in eps}
+    render = agent.prompts
+
+    def recording(eps_, emotions):
+        texts = render(eps_, emotions)
+        for ep, t in zip(eps_, texts):
+            seen[ep.key].append((ep.t, t))
+        return texts
+
+    agent.prompts = recording
+    ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), None if emotion_free else ng.random_emotion_policy())
+    return eps, seen
+
+
+@pytest.mark.parametrize("emotion_free", [False, True])
+def test_training_prompt_is_the_inference_prompt(cfg, tiny_lm, emotion_free):
+    model, tok = tiny_lm
+    eps, seen = _played(cfg, model, tok, emotion_free)
+    for ep in eps:
+        rec = ng.to_record(ep)
+        assert len(seen[ep.key]) >= 2
+        for t, text in seen[ep.key]:
+            assert rec["turns"][t]["speaker"] == "focal"
+            assert ("Emotional approach" in text) != emotion_free
+            assert emodistill.sft_prompt(cfg, tok, rec, t, emotion_free) == text
+
+
+def test_response_mask_covers_exactly_the_response_on_the_real_template(cfg, smollm2):
+    _, tok = smollm2
+    dom = cfg.domains["student"]
+    ep = ng.new_episode(dom, ng.make_scenarios(dom)[3], 0)
+    ng.run_episodes(ng.Config(cfg.emotions, cfg.domains, max_turns=5), [ep], ng.SimTeacher(cfg),
+                    ng.SimCounterparty(cfg), ng.random_emotion_policy())
+    rec = ng.to_record(ep)
+    t = 4
+    response = rec["turns"][t]["text"]
+    prompt = emodistill.sft_prompt(cfg, tok, rec, t)
+    ex = lora.encode_example(tok, prompt, response)
+    # the ids are the tokenised full conversation as the chat template writes it
+    msgs = ng.build_messages(cfg, ng.episode_from_record(cfg, rec, t), "focal", rec["turns"][t]["emotion"])
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=False)
+    assert full.startswith(tok.decode(ex["input_ids"]))
+    assert full[len(tok.decode(ex["input_ids"])):].strip() == ""
+    # and the labelled tokens are exactly the response and the end-of-turn token
+    labelled = [x for x in ex["labels"] if x != -100]
+    assert tok.decode(labelled) == response + "<|im_end|>"
+    k = ex["labels"].index(labelled[0])
+    assert all(x == -100 for x in ex["labels"][:k]) and ex["labels"][k:] == ex["input_ids"][k:]
+    assert tok.decode(ex["input_ids"][:k]).endswith("<|im_start|>assistant\n")
+
+
+def test_response_only_logprobs_equal_full_logits(tiny_lm):
+    model, tok = tiny_lm
+    exs = [lora.encode_example(tok, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "In 30 days."),
+           lora.encode_example(tok, "<|im_start|>user\nA longer prompt here<|im_end|>\n<|im_start|>assistant\n", "No.")]
+    b = lora.collate(exs, tok.pad_token_id)
+    assert b["input_ids"].shape[0] == 2 and (b["labels"] != -100).sum() == sum(
+        sum(x != -100 for x in e["labels"]) for e in exs)
+    with torch.no_grad():
+        lp, mask = lora.token_logprobs(model, b)
+        full = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, -1)
+    tgt = b["labels"][:, 1:]
+    ref = torch.gather(full[:, :-1], 2, tgt.clamp(min=0)[..., None]).squeeze(-1) * (tgt != -100)
+    torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(mask, tgt != -100)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    lrs = [lora.lr_at(s, 10, 2, 1.0) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0]
+    assert lrs[2] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lora.lr_at(10, 10, 2, 1.0) == pytest.approx(0.0)
+    assert lora.lr_at(6, 10, 2, 1.0) == pytest.approx(0.5)       # half-way through the cosine
+
+
+def test_select_sft_turns_is_top_k_per_domain():
+    recs = [{"domain": d} for d in ("a", "a", "b")]
+    where = [(0, 1), (0, 3), (1, 1), (1, 3), (2, 1), (2, 3)]
+    adv = [0.1, 0.9, 0.5, -1.0, 2.0, 3.0]
+    picked = emodistill.select_sft_turns(recs, adv, where, top_k=50, max_examples=0, seed=0)
+    assert sorted((ri, ti) for ri, ti, _ in picked) == [(0, 3), (1, 1), (2, 3)]
+    capped = emodistill.select_sft_turns(recs, adv, where, top_k=100, max_examples=2, seed=0)
+    assert sorted(recs[ri]["domain"] for ri, _, _ in capped) == ["a", "b"]
+
+
+def _examples(tok, n=12):
+    out = []
+    for i in range(n):
+        p = f"<|im_start|>user\nOffer {i}?<|im_end|>\n<|im_start|>assistant\n"
+        out.append(lora.encode_example(tok, p, f"I can do {10 + i} days, and that is firm."))
+    return out
+
+
+def test_sft_lowers_the_loss_and_trains_only_lora(tiny_lm):
+    model, tok = copy.deepcopy(tiny_lm[0]), tiny_lm[1]
+    with torch.no_grad():   # the random init's tiny embeddings cap how far any logit can move
+        model.get_input_embeddings().weight.mul_(25)
+    lora.inject(model, r=4, alpha=8, dropout=0.0)
+    base = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    exs = _examples(tok)
+    cfg = lora.SFTConfig(r=4, alpha=8, lr=1e-2, epochs=8, batch_size=4, heldout_frac=0.0, eval_every=100)
+    before = lora.heldout_loss(model, exs, tok.pad_token_id, cfg)
+    stats = lora.train_sft(model, exs, tok.pad_token_id, cfg, log=lambda *_: None)
+    after = lora.heldout_loss(model, exs, tok.pad_token_id, cfg)
+    assert after < before - 3.0, (before, after)   # measured: 17.7 -> 10.7 nats
+    assert stats["step"] == stats["total_steps"] == 24
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+
+
+def test_sft_resumes_exactly(tiny_lm, tmp_path):
+    tok = tiny_lm[1]
+    exs = _examples(tok, 20)
+    cfg = lora.SFTConfig(r=4, alpha=8, dropout=0.1, lr=3e-3, epochs=2, batch_size=4, eval_every=1, patience=100)
+
+    def fresh():
+        m = copy.deepcopy(tiny_lm[0])
+        torch.manual_seed(0)
+        lora.inject(m, r=4, alpha=8, dropout=0.1)
+        return m
+
+    a = fresh()
+    lora.train_sft(a, exs, tok.pad_token_id, cfg, ckpt=str(tmp_path / "a.pt"), log=lambda *_: None)
+    b = fresh()
+    ck = str(tmp_path / "b.pt")
+    stopped = lora.train_sft(b, exs, tok.pad_token_id, cfg, ckpt=ck, log=lambda *_: None, stop_after=3)
+    assert stopped["stopped"] == "stop_after" and stopped["step"] == 3
+    b = fresh()                                   # a new process: only the checkpoint survives
+    lora.train_sft(b, exs, tok.pad_token_id, cfg, ckpt=ck, log=lambda *_: None)
+    for (na, ma), (nb, mb) in zip(lora.lora_modules(a).items(), lora.lora_modules(b).items()):
+        assert torch.equal(ma.lora_A.weight, mb.lora_A.weight) and torch.equal(ma.lora_B.weight, mb.lora_B.weight)
+    with pytest.raises(ValueError, match="other SFT settings"):
+        lora.train_sft(fresh(), exs[:-1], tok.pad_token_id, cfg, ckpt=ck, log=lambda *_: None)
+
+
+def test_sft_jpo_eval_stages_on_a_tiny_model(tmp_path, tiny_lm, capsys):
+    """collect -> judge -> iql -> sft (both) -> jpo (both) -> eval of every adapter method,
+    with a tiny random student saved as a local folder."""
+    import json
+    import os
+    model, tok = tiny_lm
+    student = str(tmp_path / "tiny")
+    model.save_pretrained(student)
+    tok.save_pretrained(student)
+    out = str(tmp_path / "run")
+    run = emodistill.main
+    assert run(["collect", "--out", out, "--scenarios", "0-5", "--seeds-per-scenario", "2"]) == 0
+    assert run(["judge", "--out", out]) == 0
+    # sft before iql: a clear error
+    assert run(["sft", "--out", out, "--student", student]) == 2
+    assert "run iql first" in capsys.readouterr().err
+    assert run(["iql", "--out", out, "--steps", "20"]) == 0
+    small = ["--student", student, "--max-examples", "8", "--epochs", "1", "--batch-size", "4"]
+    # interrupted after one step, then resumed to the end
+    assert run(["sft", "--out", out, *small, "--stop-after", "1"]) == 0
+    assert not os.path.exists(os.path.join(out, "sft", "adapter_config.json"))
+    assert run(["sft", "--out", out, *small]) == 0
+    assert "resuming from step" in capsys.readouterr().out
+    rows = [json.loads(x) for x in open(os.path.join(out, "sft_data.jsonl"))]
+    assert len(rows) == 8 and len({r["domain"] for r in rows}) == 4
+    assert all("Emotional approach" in r["prompt"] for r in rows)
+    assert run(["sft", "--out", out, *small, "--emotion-free"]) == 0
+    free = [json.loads(x) for x in open(os.path.join(out, "sft-emotion-free_data.jsonl"))]
+    assert not any("Emotional approach" in r["prompt"] for r in free)
+    jp = ["--student", student, "--scenarios-per-domain", "1", "--group-size", "2", "--epochs", "1",
+          "--batch-size", "4"]
+    assert run(["jpo", "--out", out, *jp]) == 0
+    assert run(["jpo", "--out", out, *jp, "--emotion-free"]) == 0
+    stats = json.load(open(os.path.join(out, "jpo", "train_stats.json")))
+    assert stats["history"][0]["ratio"] == 1.0 and stats["history"][0]["approx_kl"] == 0.0
+    capsys.readouterr()
+    methods = "vanilla,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free"
+    assert run(["eval", "--out", out, "--student", student, "--methods", methods, "--domains", "crad",
+                "--seeds", "1"]) == 0
+    text = open(os.path.join(out, "results.md")).read()
+    for m in methods.split(","):
+        assert f"| {m} | 20 |" in text
+    assert "offer in range %" in text and "emotion match %" in text
+    # a re-run with the same adapters is served from the cache; a changed adapter is re-evaluated
+    assert run(["eval", "--out", out, "--student", student, "--methods", "emodistill", "--domains", "crad",
+                "--seeds", "1"]) == 0
+    assert "cached" in capsys.readouterr().out
