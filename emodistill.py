@@ -1101,8 +1101,8 @@ def build_parser():
     f.add_argument("--top-k", type=float, default=10.0, help="percent of focal turns kept, by IQL advantage")
     f.add_argument("--max-examples", type=int, default=64,
                    help="cap on examples (a seeded sample of the top-K%%, equal per domain); 0 = no cap")
-    f.add_argument("--epochs", type=float, default=2.0)
-    f.add_argument("--lr", type=float, default=5e-4)
+    f.add_argument("--epochs", type=float, default=3.0)
+    f.add_argument("--lr", type=float, default=2e-3)
     f.add_argument("--r", type=int, default=16, help="LoRA rank")
     f.add_argument("--alpha", type=int, default=32, help="LoRA alpha (scale alpha / r)")
     f.add_argument("--batch-size", type=int, default=8)

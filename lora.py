@@ -186,9 +186,9 @@ class SFTConfig:
     r: int = 16                  # LoRA rank; higher -> more capacity, more memory and time
     alpha: int = 32              # LoRA scale numerator (scale = alpha / r); higher -> bigger updates
     dropout: float = 0.05        # dropout on the LoRA input; higher -> more regularisation
-    lr: float = 5e-4             # AdamW peak learning rate; higher -> faster, and more phrase copying
+    lr: float = 2e-3             # AdamW peak learning rate; higher -> faster, and more phrase copying
     weight_decay: float = 0.0    # AdamW decay on the LoRA weights
-    epochs: float = 2.0          # passes over the training examples (fractions allowed)
+    epochs: float = 3.0          # passes over the training examples (fractions allowed)
     batch_size: int = 8          # sequences per micro-batch
     grad_accum: int = 1          # micro-batches per optimiser step; higher -> larger effective batch
     warmup_frac: float = 0.1     # share of the steps with linear warm-up; then cosine to 0
