@@ -422,6 +422,42 @@ def train_iql(args):
 # SFT: teach the student how to express the chosen emotion (lora.py)
 # ----------------------------------------------------------------------------------------
 
+def _start_adapter_stage(args, stage, name, settings):
+    """Shared start of the sft and jpo stages: refuse other settings, skip a finished adapter
+    (returns None), and drop a stale checkpoint on --force. Returns the checkpoint path."""
+    folder = os.path.join(args.out, name)
+    _prepare_out(args.out, f"{name}.json", settings, args.force)
+    if os.path.exists(os.path.join(folder, "adapter_config.json")) and not args.force:
+        print(f"[{stage}] {folder} is complete; skipping (use --force to redo)")
+        return None
+    ckpt = os.path.join(args.out, f"{name}.state.pt")
+    if args.force and os.path.exists(ckpt):
+        os.remove(ckpt)
+    return ckpt
+
+
+def _step_bar(desc):
+    """A progress bar for a training loop that reports progress(step, total)."""
+    bar = _progress(None, desc, unit="step")
+
+    def tick(step, total):
+        bar.total = total
+        bar.update(step - bar.n)
+    return bar, tick
+
+
+def _finish_adapter_stage(stage, model, folder, stats, ckpt, student):
+    """Shared end of the sft and jpo stages: save the adapter and its stats, unless the run
+    was stopped early on purpose (then False, and the checkpoint resumes it)."""
+    import lora
+    if stats.get("stopped") == "stop_after":
+        print(f"[{stage}] stopped after {stats['step']} steps as asked; re-run to continue from {ckpt}")
+        return False
+    lora.save_adapter(model, folder, student)
+    write_json_atomic(os.path.join(folder, "train_stats.json"), stats)
+    return True
+
+
 def select_sft_turns(records, adv, where, top_k, max_examples, seed):
     """The focal turns to imitate: per domain, the top `top_k` percent by advantage; when that
     is more than `max_examples` in all, a seeded random sample of them, the same number per
@@ -472,13 +508,9 @@ def train_sft(args):
     settings = {"student": args.student, "emotion_free": args.emotion_free, "top_k": args.top_k,
                 "max_examples": args.max_examples, "config": asdict(hp), "selector_sha": _sha(sel_path),
                 "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")), "domains_file_sha": _sha(args.domains_file)}
-    _prepare_out(args.out, f"{name}.json", settings, args.force)
-    if os.path.exists(os.path.join(folder, "adapter_config.json")) and not args.force:
-        print(f"[sft] {folder} is complete; skipping (use --force to redo)")
+    ckpt = _start_adapter_stage(args, "sft", name, settings)
+    if ckpt is None:
         return folder
-    ckpt = os.path.join(args.out, f"{name}.state.pt")
-    if args.force and os.path.exists(ckpt):
-        os.remove(ckpt)
     records = _load_judged(args)
     model_q, _, _, _, spec = iql.load(sel_path)
     records = [r for r in records if r["domain"] in spec["domains"]]
@@ -507,16 +539,12 @@ def train_sft(args):
           f"response tokens per example: {sum(sum(x != -100 for x in e['labels']) for e in examples) / len(examples):.1f}")
     torch.manual_seed(args.seed)
     lora.inject(model, r=hp.r, alpha=hp.alpha, dropout=hp.dropout)
-    n_steps = math.ceil(math.ceil(len(examples) * (1 - hp.heldout_frac) / hp.batch_size) * hp.epochs / hp.grad_accum)
-    bar = _progress(n_steps, "sft", unit="step")
+    bar, tick = _step_bar("sft")
     stats = lora.train_sft(model, examples, tok.pad_token_id or 0, hp, ckpt=ckpt, log=bar.write,
-                           progress=bar.update, stop_after=args.stop_after)
+                           progress=tick, stop_after=args.stop_after)
     bar.close()
-    if stats.get("stopped") == "stop_after":
-        print(f"[sft] stopped after {stats['step']} steps as asked; re-run to continue from {ckpt}")
+    if not _finish_adapter_stage("sft", model, folder, stats, ckpt, args.student):
         return None
-    lora.save_adapter(model, folder, args.student)
-    write_json_atomic(os.path.join(folder, "train_stats.json"), stats)
     print(f"[sft] {folder}: held-out loss {stats.get('initial_heldout', float('nan')):.4f} before training, "
           f"best {stats['best']:.4f} at step {stats['best_step']} of "
           f"{stats['total_steps']} ({stats['n_train']} train / {stats['n_heldout']} held-out examples), "
@@ -570,13 +598,9 @@ def train_jpo(args):
                 "scenarios_per_domain": args.scenarios_per_domain, "group_size": args.group_size,
                 "sft_sha": _sha(os.path.join(init, "adapter_model.safetensors")),
                 "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")), "domains_file_sha": _sha(args.domains_file)}
-    _prepare_out(args.out, f"{name}.json", settings, args.force)
-    if os.path.exists(os.path.join(folder, "adapter_config.json")) and not args.force:
-        print(f"[jpo] {folder} is complete; skipping (use --force to redo)")
+    ckpt = _start_adapter_stage(args, "jpo", name, settings)
+    if ckpt is None:
         return folder
-    ckpt = os.path.join(args.out, f"{name}.state.pt")
-    if args.force and os.path.exists(ckpt):
-        os.remove(ckpt)
     records = [r for r in _load_judged(args) if r["domain"] in cfg.domains]
     picked = select_jpo_turns(records, args.scenarios_per_domain, args.group_size, args.seed)
     if not picked:
@@ -591,16 +615,12 @@ def train_jpo(args):
     print(f"[jpo] {len(examples)} offline focal turns in {len(set(groups))} scenario groups; judge score mean "
           f"{sum(rewards) / len(rewards):.2f}; starting from {init}{'; emotion-free prompts' if args.emotion_free else ''}")
     torch.manual_seed(args.seed)
-    total = math.ceil(math.ceil(len(examples) / hp.batch_size) * hp.epochs / hp.grad_accum)
-    bar = _progress(total, "jpo", unit="step")
+    bar, tick = _step_bar("jpo")
     stats = jpo.train_jpo(model, examples, rewards, groups, tok.pad_token_id or 0, hp, ckpt=ckpt, log=bar.write,
-                          progress=bar.update, stop_after=args.stop_after)
+                          progress=tick, stop_after=args.stop_after)
     bar.close()
-    if stats.get("stopped") == "stop_after":
-        print(f"[jpo] stopped after {stats['step']} steps as asked; re-run to continue from {ckpt}")
+    if not _finish_adapter_stage("jpo", model, folder, stats, ckpt, args.student):
         return None
-    lora.save_adapter(model, folder, args.student)
-    write_json_atomic(os.path.join(folder, "train_stats.json"), stats)
     last = stats["history"][-1]
     print(f"[jpo] {folder}: {stats['total_steps']} steps in {stats['seconds']}s; last step ratio {last['ratio']:.3f} "
           f"approx-KL {last['approx_kl']:.4f} clip fraction {last['clip_frac']:.2f}")

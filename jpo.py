@@ -146,7 +146,7 @@ def train_jpo(model, examples, rewards, groups, pad_id, cfg: JPOConfig, ckpt=Non
     lengths = [len(e["input_ids"]) for e in examples]
     micro = [b for ep in range(math.ceil(cfg.epochs))
              for b in lora.length_batches(lengths, cfg.batch_size, cfg.seed, ep)]
-    total = max(1, math.ceil(len(micro) * min(1.0, cfg.epochs / math.ceil(cfg.epochs)) / cfg.grad_accum))
+    total = lora.total_steps(len(examples), cfg.batch_size, cfg.epochs, cfg.grad_accum)
     micro = micro[:total * cfg.grad_accum]
     warmup = max(1, int(total * cfg.warmup_frac))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -177,7 +177,7 @@ def train_jpo(model, examples, rewards, groups, pad_id, cfg: JPOConfig, ckpt=Non
         state["history"].append(row)
         log("[jpo] " + " ".join(f"{k} {v}" for k, v in row.items()))
         if progress:
-            progress(1)
+            progress(state["step"], total)
         if ckpt:
             lora.atomic_save({"lora": lora.get_lora_state(model), "opt": opt.state_dict(), "state": state,
                               "refs": refs, "config": asdict(cfg), "n_examples": len(examples)}, ckpt)

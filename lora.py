@@ -270,6 +270,11 @@ def lr_at(step, total, warmup, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def total_steps(n_examples, batch_size, epochs, grad_accum):
+    """Optimiser steps of a run: micro-batches per epoch x epochs (fractions allowed) / accumulation."""
+    return max(1, math.ceil(math.ceil(n_examples / batch_size) * epochs / grad_accum))
+
+
 def length_batches(lengths, batch_size, seed, epoch):
     """The micro-batches of one epoch: examples sorted by length and cut into batches (little
     padding), the batch order shuffled. A pure function of seed and epoch: exact resume."""
@@ -315,7 +320,8 @@ def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, pro
     ckpt: a file path; the state (adapter, optimiser, step, best held-out loss and the best
     adapter so far) is saved there after every step and training continues from it when
     present. Ends with the best adapter (lowest held-out loss) loaded. Returns a dict of stats.
-    stop_after: stop (as if killed) after this many optimiser steps; used by the resume test."""
+    stop_after: stop (as if killed) after this many optimiser steps; used by the resume test.
+    progress: called as progress(steps done, total steps) after every step."""
     train_ex, held = split_heldout(examples, cfg)
     if not train_ex:
         raise ValueError("no SFT training examples")
@@ -324,8 +330,7 @@ def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, pro
         raise ValueError("the model has no LoRA layers; call inject() first")
     dev = next(model.parameters()).device
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    total = max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
+    total = total_steps(len(train_ex), cfg.batch_size, cfg.epochs, cfg.grad_accum)
     warmup = max(1, int(total * cfg.warmup_frac))
     state = {"step": 0, "best": float("inf"), "best_step": 0, "bad_evals": 0, "history": [], "tokens": 0}
     best_weights = None
@@ -369,7 +374,7 @@ def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, pro
         opt.step()
         state["step"] = step + 1
         if progress:
-            progress(1)
+            progress(state["step"], total)
         last = state["step"] == total
         if state["step"] % cfg.eval_every == 0 or last:
             hl = heldout_loss(model, held, pad_id, cfg) if held else loss_sum
