@@ -99,8 +99,16 @@ class KVDecoder:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             K[li][:, :, c0:c1] = k
             V[li][:, :, c0:c1] = v
-            o = F.scaled_dot_product_attention(q, K[li][:, :, :c1], V[li][:, :, :c1], attn_mask=mask,
-                                               scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
+            if S == 1 and self.n_kv != self.n_heads:
+                # one new token: the query heads that share a key/value head become that head's
+                # query rows, so keys/values are read once per group instead of once per head
+                g = self.n_heads // self.n_kv
+                o = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g, self.head_dim), K[li][:, :, :c1],
+                                                   V[li][:, :, :c1], attn_mask=mask, scale=attn.scaling)  # B,kv,g,hd
+                o = o.reshape(B, self.n_heads, 1, self.head_dim)                                         # B,H,1,hd
+            else:
+                o = F.scaled_dot_product_attention(q, K[li][:, :, :c1], V[li][:, :, :c1], attn_mask=mask,
+                                                   scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(m.norm(h[:, -1]))                       # B,V

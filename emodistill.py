@@ -23,6 +23,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -256,10 +257,11 @@ def collect(args):
     domains = ng.pick_domains(cfg, args.domains)
     emotions = ng.check_emotions(args.emotions.split(",")) if args.emotions else None
     ids = parse_ids(args.scenarios)
+    csv_shas = import_scenarios(args, cfg, domains)
     settings = {"domains": domains, "scenario_seed": args.scenario_seed, "teacher": args.teacher,
                 "counterparty": args.counterparty,
                 "seeds_per_scenario": args.seeds_per_scenario, "scenarios": args.scenarios, "seed": args.seed,
-                "emotions": emotions, "persona": args.persona, "max_turns": cfg.max_turns,
+                "emotions": emotions, "persona": args.persona, "max_turns": cfg.max_turns, "scenarios_csv": csv_shas,
                 "domains_file_sha": _sha(args.domains_file)}
     path = os.path.join(args.out, "corpus.jsonl")
     _prepare_out(args.out, "collect.json", settings, args.force)  # refuses other settings first
@@ -270,13 +272,14 @@ def collect(args):
     if args.force and os.path.exists(sink.partial):
         os.remove(sink.partial)
     done = set(sink.resume())
-    jobs = [(d, i, s) for d in domains for i in ids for s in range(args.seeds_per_scenario)]
+    scenarios = {d: {sc.id: sc for sc in ng.make_scenarios(cfg.domains[d], args.scenario_seed, args.persona)}
+                 for d in domains}
+    jobs = [(d, i, s) for d in domains for i in ids if i in scenarios[d] for s in range(args.seeds_per_scenario)]
     cache = {}
     focal = make_agent(args.teacher, "focal", cfg, args.seed, args.lm_batch, model_cache=cache)
     cp = make_agent(args.counterparty, "counterparty", cfg, args.seed + 1, args.lm_batch, model_cache=cache)
     policy = ng.random_emotion_policy(emotions)
     perceiver = ng.Perceiver(cfg.emotions)
-    scenarios = {d: ng.make_scenarios(cfg.domains[d], args.scenario_seed, args.persona) for d in domains}
     todo = [j for j in jobs if f"{j[0]}-{j[1]}-{j[2]}" not in done]
     uses_lm = isinstance(focal, ng.LMAgent) or isinstance(cp, ng.LMAgent)
     chunk_size = args.batch_size or (args.lm_batch if uses_lm else 256)  # bounds key/value cache memory
@@ -294,6 +297,38 @@ def collect(args):
     dt = time.time() - t0
     print(f"[collect] {len(todo)} new trajectories in {dt:.1f}s -> {path}")
     return path
+
+
+def import_scenarios(args, cfg, domains):
+    """--scenarios-csv PATH: the chosen domains play the EmoMAS benchmark's scenarios instead of
+    generated ones. PATH is a folder holding each domain's CSV (the file named in its `emomas`
+    section of domains.yaml), or one CSV file when a single domain is chosen. Prints and saves
+    how many rows were read, repaired and skipped (and why). Returns {domain: file sha} or None."""
+    src = getattr(args, "scenarios_csv", None)
+    if not src:
+        return None
+    if os.path.isfile(src) and len(domains) != 1:
+        raise StageError(f"--scenarios-csv {src} is one file: choose its domain with --domains")
+    shas, reports = {}, {}
+    for d in domains:
+        dom = cfg.domains[d]
+        if not dom.emomas:
+            raise StageError(f"--scenarios-csv: domain '{d}' has no 'emomas' section in {args.domains_file}")
+        path = src if os.path.isfile(src) else os.path.join(src, dom.emomas["file"])
+        try:
+            scs, rep = ng.import_scenarios_csv(dom, path, args.scenario_seed)
+        except ng.ScenarioCsvError as e:
+            raise StageError(str(e)) from None
+        dom.imported = scs
+        shas[d], reports[d] = _sha(path), rep
+        n_test = sum(sc.id in ng.TEST_IDS for sc in scs)
+        print(f"[scenarios] {d}: {path}: {rep['rows']} rows, {rep['read']} read ({rep['repaired']} repaired, "
+              f"{n_test} of them test scenarios), {len(rep['skipped'])} skipped")
+        for line, why in rep["skipped"]:
+            print(f"[scenarios]   line {line}: {why}")
+    os.makedirs(args.out, exist_ok=True)
+    write_json_atomic(os.path.join(args.out, "scenarios_import.json"), reports)
+    return shas
 
 
 def _need(path, hint):
@@ -708,6 +743,7 @@ def best_fixed_emotions(args, cfg):
     path = os.path.join(args.out, "eval", "best_fixed.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     key = {"seeds": args.select_seeds, "seed": args.seed, "scenario_seed": args.scenario_seed,
+           "scenarios_csv": getattr(args, "scenarios_csv_shas", None),
            "domains_file_sha": _sha(args.domains_file)}
     if os.path.exists(path):
         with open(path) as f:
@@ -732,6 +768,7 @@ def evaluate(args):
     """Run methods on held-out scenarios (80-99) x seeds; write eval/<method>.json and results.md."""
     cfg = ng.load_config(args.domains_file)
     args.domain_list = ng.pick_domains(cfg, args.domains)
+    csv_shas = args.scenarios_csv_shas = import_scenarios(args, cfg, args.domain_list)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     os.makedirs(os.path.join(args.out, args.eval_dir), exist_ok=True)
     best = best_fixed_emotions(args, cfg) if any("best-fixed" in m for m in methods) else {}
@@ -743,6 +780,7 @@ def evaluate(args):
                     "scenario_seed": args.scenario_seed, "persona": args.persona, "counterparty": args.counterparty,
                     "student": None if m.startswith("teacher-") else args.student, "sample": args.sample,
                     "best_fixed": best if "best-fixed" in m else None, "domains_file_sha": _sha(args.domains_file),
+                    "scenarios_csv": csv_shas,
                     "selector_sha": _sha(iql_path) if _uses_selector(m) and os.path.exists(iql_path) else None,
                     "adapter_sha": _adapter_sha(args.out, m)}
         if os.path.exists(path) and not args.force:
@@ -794,6 +832,8 @@ def evaluate(args):
               "emotion match: share of emotion-conditioned focal turns whose perceived emotion (cue lexicon) is the "
               "requested one. Both are per-episode shares averaged over episodes.", ""]
     lines += _plots(os.path.join(args.out, args.eval_dir), results, methods, args.domain_list)
+    if args.eval_dir == "eval":
+        lines += _study_sections(args.out)
     text = "\n".join(lines)
     report = os.path.join(args.out, "results.md" if args.eval_dir == "eval" else f"results-{args.eval_dir}.md")
     with open(report + ".tmp", "w") as f:
@@ -848,6 +888,242 @@ def _plots(folder, results, methods, domains):
     rel = os.path.basename(folder)
     return [f"![utility by method and domain]({rel}/utility.png)"] + (
         [f"![emotion chosen by focal turn]({rel}/emotions_by_turn.png)"] if chosen else [])
+
+
+# ----------------------------------------------------------------------------------------
+# Studies (each writes studies/<name>.md and the same section into results.md)
+# ----------------------------------------------------------------------------------------
+
+def _study_section(out, name, lines):
+    """Save a study's markdown as studies/<name>.md and put it into results.md between
+    markers, replacing an older copy (eval keeps these sections when it rewrites the file)."""
+    text = "\n".join(lines).rstrip() + "\n"
+    os.makedirs(os.path.join(out, "studies"), exist_ok=True)
+    path = os.path.join(out, "studies", f"{name}.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    report = os.path.join(out, "results.md")
+    old = open(report).read() if os.path.exists(report) else "# Results\n"
+    begin, end = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
+    if begin in old and end in old:
+        old = old[:old.index(begin)].rstrip() + "\n" + old[old.index(end) + len(end):].lstrip("\n")
+    with open(report + ".tmp", "w") as f:
+        f.write(old.rstrip() + f"\n\n{begin}\n{text}{end}\n")
+    os.replace(report + ".tmp", report)
+    return path
+
+
+def _study_sections(out):
+    """The saved study sections, with their markers, for eval to append to results.md."""
+    folder, lines = os.path.join(out, "studies"), []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".md"):
+            with open(os.path.join(folder, name)) as f:
+                lines += ["", f"<!-- study:{name[:-3]} -->", f.read().rstrip(), f"<!-- /study:{name[:-3]} -->"]
+    return lines
+
+
+def study_emotions(args):
+    """The paper's motivating study: each of the 28 emotions held fixed for whole episodes
+    (SimTeacher as expresser, sim counterparty) on the training scenarios of each domain,
+    ranked by mean utility, next to how often the IQL selector picks each emotion there."""
+    cfg = ng.load_config(args.domains_file)
+    args.domain_list = ng.pick_domains(cfg, args.domains)
+    teacher, cp = ng.SimTeacher(cfg), ng.SimCounterparty(cfg)
+    ids = parse_ids(args.scenarios)
+    settings = {"domains": args.domain_list, "seeds": args.seeds, "seed": args.seed, "scenarios": args.scenarios,
+                "persona": args.persona, "scenario_seed": args.scenario_seed, "domains_file_sha": _sha(args.domains_file),
+                "selector_sha": _sha(os.path.join(args.out, "iql.pt"))
+                if os.path.exists(os.path.join(args.out, "iql.pt")) else None}
+    done = os.path.join(args.out, "studies", "emotions.json")
+    if os.path.exists(done) and not args.force and json.load(open(done)).get("settings") == settings:
+        print(f"[study-emotions] {done} is complete; skipping (use --force to redo)")
+        return
+    t0 = time.time()
+    table = {}                                             # domain -> emotion -> summary
+    bar = _progress(len(args.domain_list) * len(ng.EMOTIONS), "emotions")
+    for d in args.domain_list:
+        table[d] = {}
+        for e in ng.EMOTIONS:
+            recs = _play(cfg, [d], ids, args.seeds, teacher, cp, ng.fixed_emotion_policy(e), args.seed,
+                         args.persona, args.scenario_seed)
+            table[d][e] = ng.summarize(recs)
+            bar.update(1)
+    bar.close()
+    chosen, sel_summary = {}, {}
+    if os.path.exists(os.path.join(args.out, "iql.pt")):   # what the learned selector picks on the same scenarios
+        args.sample = False
+        policy = _policy_for("teacher-iql", args, cfg, {})
+        for d in args.domain_list:
+            recs = _play(cfg, [d], ids, args.seeds, teacher, cp, policy, args.seed, args.persona, args.scenario_seed)
+            sel_summary[d] = ng.summarize(recs)
+            emos = [t["emotion"] for r in recs for t in r["turns"] if t["speaker"] == "focal" and t.get("emotion")]
+            chosen[d] = {e: emos.count(e) / max(len(emos), 1) for e in ng.EMOTIONS}
+    where = {"train": "training scenarios 0-79", "test": "held-out scenarios 80-99"}.get(args.scenarios,
+                                                                                          f"scenarios {args.scenarios}")
+    lines = [f"## Study: one emotion held fixed for whole episodes ({where} x {args.seeds} seeds, SimTeacher vs "
+             f"SimCounterparty{', persona ' + args.persona if args.persona else ''})", "",
+             f"Command: `python emodistill.py study-emotions --out {args.out} --seeds {args.seeds} --scenarios "
+             f"{args.scenarios}" + (f" --persona {args.persona}" if args.persona else "") + "`."
+             + (" Selector share: how often the IQL selector (iql.pt, greedy) picks the emotion on the same "
+                "episodes." if chosen else " (No iql.pt in the run: the selector columns are left out.)"), ""]
+    for d in args.domain_list:
+        ranked = sorted(ng.EMOTIONS, key=lambda e: -table[d][e]["utility"][0])
+        neutral = table[d]["neutral"]["utility"][0]
+        lines += [f"### {d}", "", "| rank | emotion | utility | success % | utility - neutral |"
+                  + (" selector share % |" if chosen else ""), "|---|---|---|---|---|" + ("---|" if chosen else "")]
+        for k, e in enumerate(ranked, 1):
+            s = table[d][e]
+            lines.append(f"| {k} | {e} | {_fmt(s['utility'])} | {_fmt(s['success'], True)} | "
+                         f"{s['utility'][0] - neutral:+.3f} |" + (f" {100 * chosen[d][e]:.1f} |" if chosen else ""))
+        if chosen:
+            top = sorted(ng.EMOTIONS, key=lambda e: -chosen[d][e])[:3]
+            rho = _spearman([table[d][e]["utility"][0] for e in ng.EMOTIONS], [chosen[d][e] for e in ng.EMOTIONS])
+            lines += ["", f"Best fixed: {ranked[0]} {table[d][ranked[0]]['utility'][0]:.3f}; the selector (changing "
+                      f"emotion by state) {_fmt(sel_summary[d]['utility'])}. Its most chosen emotions: "
+                      + ", ".join(f"{e} {100 * chosen[d][e]:.0f}%" for e in top)
+                      + f". Spearman rank correlation between an emotion's fixed-episode utility and the selector's "
+                      f"share: {rho:+.2f}."]
+        lines.append("")
+    lines += _emotion_heatmap(args.out, table, args.domain_list)
+    path = _study_section(args.out, "emotions", lines)
+    write_json_atomic(os.path.join(args.out, "studies", "emotions.json"),
+                      {"settings": settings,
+                       "utility": {d: {e: table[d][e]["utility"] for e in ng.EMOTIONS} for d in table},
+                       "success": {d: {e: table[d][e]["success"] for e in ng.EMOTIONS} for d in table},
+                       "selector_share": chosen})
+    print("\n".join(lines))
+    print(f"[study-emotions] {len(args.domain_list) * 28} emotion x domain cells in {time.time() - t0:.1f}s -> {path}")
+
+
+def study_counterparties(args):
+    """Unseen counterparties: every method on the held-out scenarios against (a) the training
+    personas (the main eval), (b) each domain's held-out SimCounterparty persona, and (c) each
+    agent spec in --counterparties (e.g. `smollm2`, `hf:<model>`, `api:<model>`), one eval
+    folder each (eval, eval-heldout, eval-cp-<spec>), then one table of utility and success."""
+    rows = [("training personas (sim)", {"persona": None, "counterparty": "sim", "eval_dir": "eval"}),
+            ("held-out persona (sim)", {"persona": "heldout", "counterparty": "sim", "eval_dir": "eval-heldout"})]
+    for spec in [c.strip() for c in args.counterparties.split(",") if c.strip()]:
+        rows.append((f"{spec} counterparty", {"persona": None, "counterparty": spec,
+                                              "eval_dir": "eval-cp-" + re.sub(r"[^\w.-]+", "_", spec)}))
+    results = {}
+    for name, over in rows:
+        print(f"[study-counterparties] {name}")
+        results[name] = evaluate(argparse.Namespace(**{**vars(args), **over}))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    lines = [f"## Study: unseen counterparties (held-out scenarios 80-99 x {args.seeds} seeds, all domains pooled)",
+             "", f"Command: `python emodistill.py study-counterparties --out {args.out} --methods {args.methods} "
+             f"--seeds {args.seeds}" + (f" --counterparties {args.counterparties}" if args.counterparties else "")
+             + (f" --name {args.name}" if args.name != "counterparties" else "")
+             + "`. Utility, then success %, mean [95% bootstrap CI]; per-domain tables are in the "
+             "results-eval-*.md files.", "",
+             "| method | " + " | ".join(name for name, _ in rows) + " |", "|---|" + "---|" * len(rows)]
+    for m in methods:
+        cells = []
+        for name, _ in rows:
+            sm = ng.summarize(results[name][m]["records"])
+            cells.append(f"{_fmt(sm['utility'])}<br>{_fmt(sm['success'], True)}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    path = _study_section(args.out, args.name, lines)
+    print("\n".join(lines))
+    print(f"[study-counterparties] -> {path}")
+
+
+def study_transfer(args):
+    """Cross-domain transfer of the emotion selector: one IQL selector per domain, trained on
+    that domain's part of the judged corpus only, then played (SimTeacher as expresser, sim
+    counterparty) on the held-out scenarios of every domain. On a foreign domain the selector
+    is shown the scenario as if it were its own domain (its one-hot domain feature); the
+    other features are direction-normalised and mean the same everywhere."""
+    import iql
+    cfg = ng.load_config(args.domains_file)
+    domains = ng.pick_domains(cfg, args.domains)
+    records = _load_judged(args)
+    hp = iql.IQLConfig(steps=args.steps, seed=args.seed)
+    folder = os.path.join(args.out, "transfer")
+    os.makedirs(folder, exist_ok=True)
+    judged_sha = _sha(os.path.join(args.out, "judged.jsonl"))
+    teacher, cp = ng.SimTeacher(cfg), ng.SimCounterparty(cfg)
+    t0 = time.time()
+    util, models = {}, {}
+    for src in domains:
+        path, meta = os.path.join(folder, f"iql-{src}.pt"), os.path.join(folder, f"iql-{src}.json")
+        settings = {"judged_sha": judged_sha, "steps": args.steps, "seed": args.seed}
+        fresh = os.path.exists(path) and not args.force and os.path.exists(meta) and json.load(open(meta)) == settings
+        if not fresh:
+            data = iql.transitions([r for r in records if r["domain"] == src], [src], hp, cfg.max_turns)
+            if not len(data["a"]):
+                raise StageError(f"judged.jsonl has no {src} trajectories to train a {src} selector on")
+            print(f"[study-transfer] {src}: IQL on {len(data['a'])} {src} transitions, {args.steps} steps")
+            model, targets, opt, step = iql.train(data, hp, log=lambda m: None)
+            iql.save(path, model, targets, opt, step, hp, [src], cfg.max_turns)
+            write_json_atomic(meta, settings)
+        model, _, _, _, spec = iql.load(path)
+        models[src] = (model, spec)
+    rows = [(f"{src} only", src) for src in domains]
+    if os.path.exists(os.path.join(args.out, "iql.pt")):
+        model, _, _, _, spec = iql.load(os.path.join(args.out, "iql.pt"))
+        if all(d in spec["domains"] for d in domains):
+            rows.append(("all domains (iql.pt)", "all"))
+            models["all"] = (model, spec)
+    rows.append(("random emotion (floor)", "random"))
+    for name, src in rows:
+        util[name] = {}
+        for dst in domains:
+            if src == "random":
+                policy = ng.random_emotion_policy()
+            else:
+                model, spec = models[src]
+                policy = iql.Selector(model, spec, as_domain=None if src == "all" else src)
+            recs = _play(cfg, [dst], ng.TEST_IDS, args.seeds, teacher, cp, policy, args.seed)
+            util[name][dst] = ng.summarize(recs)["utility"]
+    lines = [f"## Study: cross-domain transfer of the emotion selector (held-out scenarios 80-99 x {args.seeds} "
+             "seeds, SimTeacher vs SimCounterparty)", "",
+             f"Command: `python emodistill.py study-transfer --out {args.out} --steps {args.steps} --seeds "
+             f"{args.seeds}`. Rows: the corpus the selector was trained on ({args.steps} IQL steps on one domain's "
+             "transitions); columns: the domain it is tested on; mean utility [95% bootstrap CI]. The diagonal "
+             "is in-domain.", "",
+             "| trained on \\ tested on | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    for name, _ in rows:
+        cells = [("**" + _fmt(util[name][d]) + "**") if name == f"{d} only" else _fmt(util[name][d]) for d in domains]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    path = _study_section(args.out, "transfer", lines)
+    write_json_atomic(os.path.join(folder, "transfer.json"), {"utility": util, "seeds": args.seeds, "steps": args.steps})
+    print("\n".join(lines))
+    print(f"[study-transfer] {time.time() - t0:.1f}s -> {path}")
+
+
+def _spearman(a, b):
+    import numpy as np
+    ra, rb = (np.argsort(np.argsort(x)).astype(float) for x in (a, b))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _emotion_heatmap(out, table, domains):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[study-emotions] matplotlib is not installed: heatmap skipped")
+        return ["(heatmap skipped: matplotlib is not installed)"]
+    import numpy as np
+    u = np.array([[table[d][e]["utility"][0] for d in domains] for e in ng.EMOTIONS])   # (28, domains)
+    fig, ax = plt.subplots(figsize=(2 + 1.3 * len(domains), 8))
+    im = ax.imshow(u, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(ng.EMOTIONS)), ng.EMOTIONS, fontsize=7)
+    ax.set_xticks(range(len(domains)), domains)
+    fig.colorbar(im, ax=ax, label="mean utility")
+    fig.tight_layout()
+    os.makedirs(os.path.join(out, "studies"), exist_ok=True)
+    fig.savefig(os.path.join(out, "studies", "emotions_heatmap.png"), dpi=120)
+    plt.close(fig)
+    return ["![mean utility by fixed emotion and domain](studies/emotions_heatmap.png)"]
 
 
 def _fmt(m, pct=False):
@@ -1097,6 +1373,8 @@ def build_parser():
                    help="force one counterparty persona: a persona name, or 'heldout' for each domain's held-out one")
     c.add_argument("--seed", type=int, default=0, help="episode randomness (emotions, teacher, counterparty)")
     c.add_argument("--scenario-seed", type=int, default=0, help="which 100 scenarios per domain")
+    c.add_argument("--scenarios-csv", default=None, metavar="PATH",
+                   help="play the EmoMAS scenario CSVs (a folder with each domain's file) instead of generated ones")
     c.add_argument("--batch-size", type=int, default=None,
                    help="episodes advanced in lock step (default 256 with sim agents, --lm-batch with an LM)")
     c.add_argument("--lm-batch", type=int, default=64, help="sequences per generate call for LM agents")
@@ -1146,24 +1424,44 @@ def build_parser():
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     o.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
-    e = common(sub.add_parser("eval", help="evaluate methods on held-out scenarios"))
-    e.add_argument("--methods", default=",".join(TEACHER_METHODS),
-                   help="comma-separated: vanilla, random, fixed:<emotion>, best-fixed, iql, "
-                        "and teacher-<same> for the SimTeacher as expresser")
-    e.add_argument("--domains", default="crad,disaster,hospital,student")
-    e.add_argument("--seeds", type=int, default=5, help="seeds per held-out scenario")
-    e.add_argument("--select-seeds", type=int, default=3, help="seeds per training scenario for best-fixed")
-    e.add_argument("--student", default="smollm2", help="the LM expresser of non-teacher methods")
-    e.add_argument("--counterparty", default="sim")
-    e.add_argument("--persona", default=None,
-                   help="evaluate against one persona: a name, or 'heldout' for each domain's held-out one")
-    e.add_argument("--sample", action="store_true", help="sample the selector's emotion instead of greedy")
-    e.add_argument("--seed", type=int, default=0, help="episode randomness; the same for every method")
-    e.add_argument("--scenario-seed", type=int, default=0, help="which 100 scenarios per domain")
-    e.add_argument("--split", choices=["test", "train"], default="test",
-                   help="train = validation on training scenarios (use another --seed than collect's)")
-    e.add_argument("--eval-dir", default="eval", help="folder under the run for eval/<method>.json")
-    e.add_argument("--lm-batch", type=int, default=64)
+    def eval_args(e):
+        e.add_argument("--methods", default=",".join(TEACHER_METHODS),
+                       help="comma-separated: vanilla, random, fixed:<emotion>, best-fixed, iql, "
+                            "and teacher-<same> for the SimTeacher as expresser")
+        e.add_argument("--domains", default="crad,disaster,hospital,student")
+        e.add_argument("--seeds", type=int, default=5, help="seeds per held-out scenario")
+        e.add_argument("--select-seeds", type=int, default=3, help="seeds per training scenario for best-fixed")
+        e.add_argument("--student", default="smollm2", help="the LM expresser of non-teacher methods")
+        e.add_argument("--counterparty", default="sim")
+        e.add_argument("--persona", default=None,
+                       help="evaluate against one persona: a name, or 'heldout' for each domain's held-out one")
+        e.add_argument("--sample", action="store_true", help="sample the selector's emotion instead of greedy")
+        e.add_argument("--seed", type=int, default=0, help="episode randomness; the same for every method")
+        e.add_argument("--scenario-seed", type=int, default=0, help="which 100 scenarios per domain")
+        e.add_argument("--scenarios-csv", default=None, metavar="PATH",
+                       help="the EmoMAS scenario CSVs (a folder with each domain's file) instead of generated scenarios")
+        e.add_argument("--split", choices=["test", "train"], default="test",
+                       help="train = validation on training scenarios (use another --seed than collect's)")
+        e.add_argument("--eval-dir", default="eval", help="folder under the run for eval/<method>.json")
+        e.add_argument("--lm-batch", type=int, default=64)
+        return e
+    eval_args(common(sub.add_parser("eval", help="evaluate methods on held-out scenarios")))
+    sc = eval_args(common(sub.add_parser("study-counterparties", help="methods against unseen counterparties")))
+    sc.add_argument("--counterparties", default="", help="extra counterparty agent specs, e.g. smollm2,api:<model>")
+    sc.add_argument("--name", default="counterparties", help="name of the study section in results.md")
+    se = common(sub.add_parser("study-emotions", help="each of the 28 emotions held fixed for whole episodes"))
+    se.add_argument("--domains", default="crad,disaster,hospital,student")
+    se.add_argument("--seeds", type=int, default=5, help="seeds per scenario")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--scenarios", default="train", help="train (0-79), test (80-99) or ids like 0-9,12")
+    se.add_argument("--persona", default=None, help="one counterparty persona (a name or 'heldout')")
+    se.add_argument("--scenario-seed", type=int, default=0)
+    st = common(sub.add_parser("study-transfer", help="a selector trained on one domain, tested on each"))
+    st.add_argument("--domains", default="crad,disaster,hospital,student")
+    st.add_argument("--steps", type=int, default=5000, help="IQL steps per single-domain selector")
+    st.add_argument("--seeds", type=int, default=5, help="seeds per held-out scenario")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
     b = sub.add_parser("bench", help="throughput numbers for this machine")
     b.add_argument("--domains-file", default="domains.yaml")
     b.add_argument("--what", default="collect,iql,generate,sft", help="any of collect,iql,generate,sft,jpo")
@@ -1181,7 +1479,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         {"collect": collect, "judge": judge, "summary": summary, "iql": train_iql, "sft": train_sft, "jpo": train_jpo,
-         "eval": evaluate,
+         "eval": evaluate, "study-emotions": study_emotions,
+         "study-counterparties": study_counterparties, "study-transfer": study_transfer,
          "bench": bench}[args.cmd](args)
     except (ng.DomainConfigError, StageError, ValueError, RuntimeError, ng.ApiError) as e:
         print(f"emodistill {args.cmd}: error: {e}", file=sys.stderr)

@@ -275,12 +275,14 @@ def load(path, domains=None, cfg: IQLConfig | None = None):
 class Selector:
     """pi(e | s) as a callable for the episode runner: episodes -> emotions (greedy or sampled)."""
 
-    def __init__(self, model, spec, greedy=True, seed=0):
+    def __init__(self, model, spec, greedy=True, seed=0, as_domain=None):
         self.model, self.spec, self.greedy = model.eval(), spec, greedy
+        self.as_domain = as_domain      # transfer study: every episode is shown as this (training) domain
         self.g = torch.Generator().manual_seed(seed)
 
     def probs(self, eps):
-        x = torch.tensor(np.stack([features(ep.turns, ep.sc.s0, ep.sc.b0, ep.dom.key, self.spec["domains"],
+        x = torch.tensor(np.stack([features(ep.turns, ep.sc.s0, ep.sc.b0, self.as_domain or ep.dom.key,
+                                            self.spec["domains"],
                                             self.spec["max_turns"]) for ep in eps]))
         with torch.no_grad():
             return F.softmax(self.model.policy_logits(x), dim=-1)

@@ -97,6 +97,8 @@ class Domain:
     base_hazard: float
     habituation: float       # an emotion repeated n times in the last 3 focal turns keeps h**n
     base_share: float        # share of the way to r the counterparty concedes with no emotional push
+    emomas: dict = None      # optional: how a row of the EmoMAS scenario CSV maps onto this domain
+    imported: list = None    # scenarios read from such a CSV (import_scenarios_csv), else generated
 
     @property
     def train_personas(self):
@@ -241,7 +243,40 @@ def _parse_domain(key, d):
         personas=personas, effects=_emotion_table(cp.get("effects"), f"{w} counterparty.effects"),
         hazard=_emotion_table(cp.get("hazard"), f"{w} counterparty.hazard"),
         base_hazard=float(cp.get("base_hazard", 0.0)), habituation=float(cp.get("habituation", 0.5)),
-        base_share=float(cp.get("base_share", 1.0)))
+        base_share=float(cp.get("base_share", 1.0)),
+        emomas=_parse_emomas(d.get("emomas"), fields, w))
+
+
+def _parse_emomas(m, fields, w):
+    """Check the optional `emomas` section: file, column types, s0/b0 and context templates."""
+    if m is None:
+        return None
+    w = f"{w} emomas"
+    if not isinstance(m, dict):
+        raise DomainConfigError(f"{w}: should be a mapping with file, s0, b0, context")
+    _need(m, "file", str, w)
+    types = m.get("columns") or {}
+    if not isinstance(types, dict):
+        raise DomainConfigError(f"{w}: field 'columns' should map column names to types")
+    for col, t in types.items():
+        if not (t in CSV_TYPES or (isinstance(t, list) and t and all(isinstance(x, str) for x in t))):
+            raise DomainConfigError(f"{w}.columns.{col}: type must be one of {CSV_TYPES} or a list of words, got {t!r}")
+    for k in ("s0", "b0"):
+        if k in m and not isinstance(m[k], str):
+            raise DomainConfigError(f"{w}: field '{k}' should be a template string like '{{Column}}'")
+    ctx = m.get("context") or {}
+    if not isinstance(ctx, dict):
+        raise DomainConfigError(f"{w}: field 'context' should map context fields to templates")
+    for f, t in ctx.items():
+        if f not in fields:
+            raise DomainConfigError(f"{w}.context: unknown context field '{f}' (known: {', '.join(sorted(fields))})")
+        if not isinstance(t, str):
+            raise DomainConfigError(f"{w}.context.{f}: should be a template string")
+    for t in [m.get("s0", ""), m.get("b0", "")] + list(ctx.values()):
+        for col, filt in _CELL_REF.findall(t):
+            if filt and filt not in CSV_FILTERS:
+                raise DomainConfigError(f"{w}: unknown filter '|{filt}' in {t!r} (known: {', '.join(CSV_FILTERS)})")
+    return m
 
 
 def load_config(path="domains.yaml") -> Config:
@@ -538,6 +573,8 @@ def make_scenarios(dom: Domain, seed=0, persona=None):
     elif persona is not None and persona not in dom.personas:
         raise DomainConfigError(f"domain '{dom.key}': unknown persona '{persona}' "
                                 f"(known: {', '.join(dom.personas)}, or 'heldout')")
+    if dom.imported is not None:       # scenarios read from an EmoMAS CSV (import_scenarios_csv)
+        return [sc if persona is None else Scenario(**{**sc.__dict__, "persona": persona}) for sc in dom.imported]
     for i in range(N_SCENARIOS):
         r = _rng("scenario", seed, dom.key, i)
         s0 = round(r.uniform(*dom.s0) / g) * g
@@ -552,6 +589,182 @@ def make_scenarios(dom: Domain, seed=0, persona=None):
         out.append(Scenario(dom.key, i, float(s0), float(b0), round(res, 3), patience,
                             persona or names[i % len(names)], ctx))
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# The EmoMAS scenario CSVs (optional importer, SPEC §3)
+# ----------------------------------------------------------------------------------------
+# The published CSVs have rows whose free-text cells contain unquoted commas, which shifts
+# every later column. A row is repaired by re-joining its cells: a cell that begins with a
+# space may continue the previous one (a comma inside a text), any other cell starts a new
+# column, and typed columns (numbers, clock times, word lists from domains.yaml) must parse.
+# Every split that satisfies this is enumerated; the row is kept when all of them agree on
+# the values the domain uses, and skipped with its reason otherwise.
+
+CSV_TYPES = ("int", "number", "clock", "text")
+CSV_FILTERS = ("lower", "words", "money")
+_CELL_REF = re.compile(r"\{([^{}|]+)(?:\|(\w+))?\}")
+
+
+class ScenarioCsvError(ValueError):
+    """A scenario CSV cannot be used at all (missing file, header without the mapped columns)."""
+
+
+def _cell_ok(text, kind, unit):
+    t = text.strip()
+    if kind in (None, "text"):
+        return True
+    if isinstance(kind, list):
+        return t.lower() in {k.lower() for k in kind}
+    if kind == "clock":
+        return parse_offer(t, "clock") is not None
+    try:
+        v = float(t)
+    except ValueError:
+        return False
+    return kind == "number" or v == int(v)
+
+
+def split_csv_row(cells, columns, types, unit="days", limit=256):
+    """Every way to place a row's csv cells into `columns` (see the comment above).
+    Returns a list of {column: text} dicts (at most `limit`)."""
+    out, n, k = [], len(cells), len(columns)
+
+    def walk(i, c, acc):
+        if len(out) >= limit:
+            return
+        if c == k:
+            if i == n:
+                out.append(dict(zip(columns, acc)))
+            return
+        for j in range(i + 1, n - (k - c - 1) + 1):     # this column takes cells i..j-1
+            if j - 1 > i and not cells[j - 1].startswith(" "):
+                break                                    # a cell without a leading space starts a column
+            text = ",".join(cells[i:j])
+            if _cell_ok(text, types.get(columns[c]), unit):
+                walk(j, c + 1, acc + [text.strip()])
+    if n >= k:
+        walk(0, 0, [])
+    return out
+
+
+def _why_no_split(cells, columns, types, unit):
+    if len(cells) == len(columns):        # the plain split has the right width: name the bad cells
+        return "column " + "; ".join(_bad_cells(cells, columns, types, unit))
+    joined = []
+    for c in cells:                       # the most likely reading: every leading-space cell continues
+        if joined and c.startswith(" "):
+            joined[-1] += "," + c
+        else:
+            joined.append(c)
+    if len(joined) == len(columns):
+        return "column " + "; ".join(_bad_cells(joined, columns, types, unit))
+    return f"{len(cells)} cells ({len(joined)} after re-joining texts) cannot fill the {len(columns)} columns"
+
+
+def _bad_cells(cells, columns, types, unit):
+    return [f"'{col}' = {v.strip()!r} is not {types[col] if isinstance(types[col], str) else 'one of ' + str(types[col])}"
+            for col, v in zip(columns, cells) if not _cell_ok(v, types.get(col), unit)]
+
+
+def _render_cell(template, row):
+    def sub(m):
+        v = row[m.group(1)]
+        f = m.group(2)
+        if f == "lower":
+            v = v[:1].lower() + v[1:]
+        elif f == "words":
+            v = v.replace("_", " ").lower()
+        elif f == "money":
+            v = f"{round(float(v)):,}"
+        return v
+    return _CELL_REF.sub(sub, template)
+
+
+def import_scenarios_csv(dom: Domain, path, seed=0):
+    """Scenarios for `dom` from an EmoMAS CSV, mapped by the domain's `emomas` section.
+
+    The data row at position i (0-based) becomes scenario id i, so the first 80 rows are
+    training scenarios and rows 80-99 test scenarios. s0, b0 and context fields the CSV
+    does not give, and the counterparty's private reservation, patience and persona, come
+    from the generated scenario with the same id. Returns (scenarios, report) where report
+    = {"read", "repaired", "skipped": [(line, reason)], ...}."""
+    import csv
+    m = dom.emomas
+    if not m:
+        raise ScenarioCsvError(f"domain '{dom.key}' has no 'emomas' section in domains.yaml")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise ScenarioCsvError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ScenarioCsvError(f"{path}: not a readable CSV: {e}") from None
+    if not rows:
+        raise ScenarioCsvError(f"{path}: empty file")
+    columns = [c.strip() for c in rows[0]]
+    types = m.get("columns") or {}
+    templates = {"s0": m.get("s0"), "b0": m.get("b0"), **(m.get("context") or {})}
+    used = sorted({col for t in templates.values() if t for col, _ in _CELL_REF.findall(t)} | set(types))
+    missing = [c for c in used if c not in columns]
+    if missing:
+        raise ScenarioCsvError(f"{path}: domain '{dom.key}' maps column(s) {missing} that the header lacks "
+                               f"(header: {columns})")
+    from dataclasses import replace
+    generated = make_scenarios(replace(dom, imported=None), seed)
+    out, report = [], {"file": str(path), "rows": 0, "read": 0, "repaired": 0, "skipped": []}
+    for line, cells in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in cells):
+            continue
+        i = report["rows"]
+        report["rows"] += 1
+        if i >= N_SCENARIOS:
+            report["skipped"].append((line, f"beyond the first {N_SCENARIOS} rows"))
+            continue
+        cands = split_csv_row(cells, columns, types, dom.unit)
+        if not cands:
+            report["skipped"].append((line, _why_no_split(cells, columns, types, dom.unit)))
+            continue
+        try:
+            vals = [{k: _render_cell(t, c) for k, t in templates.items() if t} for c in cands]
+        except (ValueError, KeyError) as e:
+            report["skipped"].append((line, f"cannot render a mapped value: {e}"))
+            continue
+        differ = sorted({k for v in vals[1:] for k in v if v[k] != vals[0][k]})
+        if differ:
+            report["skipped"].append((line, f"ambiguous: {len(cands)} ways to split its commas give different {differ}"))
+            continue
+        v, g = vals[0], generated[i]
+        try:
+            s0 = _mapped_number(v, "s0", g.s0, dom.unit)
+            b0 = _mapped_number(v, "b0", g.b0, dom.unit)
+        except ValueError as e:
+            report["skipped"].append((line, str(e)))
+            continue
+        if (dom.focal_prefers == "lower" and not s0 < b0) or (dom.focal_prefers == "higher" and not s0 > b0):
+            src = lambda k: "" if k in v else " (generated: no CSV column)"        # noqa: E731
+            report["skipped"].append((line, f"target {s0:g}{src('s0')} and opening {b0:g}{src('b0')} contradict "
+                                            f"focal_prefers={dom.focal_prefers}"))
+            continue
+        frac = (g.reservation - g.b0) / (g.s0 - g.b0)   # keep the generated reservation's relative place
+        ctx = dict(g.context)
+        ctx.update({k: val for k, val in v.items() if k not in ("s0", "b0")})
+        out.append(Scenario(dom.key, i, s0, b0, round(b0 + frac * (s0 - b0), 3), g.patience, g.persona, ctx))
+        report["read"] += 1
+        report["repaired"] += len(cells) != len(columns)
+    return out, report
+
+
+def _mapped_number(v, key, default, unit):
+    if key not in v:
+        return float(default)
+    x = parse_offer(v[key], unit) if unit == "clock" else None
+    if x is None:
+        try:
+            x = float(v[key])
+        except ValueError:
+            raise ValueError(f"{key}: '{v[key]}' is not a {unit} value") from None
+    return float(x)
 
 
 def position(x, s0, b0):

@@ -12,11 +12,11 @@ cd "$(dirname "$0")"
 PROFILE=${PROFILE:-quick}
 if [ "$PROFILE" = "paper" ]; then
   D_SEEDS=50; D_STEPS=20000; D_SFT_MAX=0; D_SFT_EPOCHS=2; D_JPO_SCEN=80; D_JPO_GROUP=8; D_JPO_EPOCHS=2
-  D_EVAL_SEEDS=5; D_RUN=runs/paper
+  D_EVAL_SEEDS=5; D_RUN=runs/paper; D_STUDIES=emotions,transfer,counterparties
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,random,best-fixed,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free
 elif [ "$PROFILE" = "quick" ]; then
   D_SEEDS=50; D_STEPS=10000; D_SFT_MAX=48; D_SFT_EPOCHS=3; D_JPO_SCEN=2; D_JPO_GROUP=4; D_JPO_EPOCHS=1
-  D_EVAL_SEEDS=1; D_RUN=runs/default
+  D_EVAL_SEEDS=1; D_RUN=runs/default; D_STUDIES=
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,iql,iql+sft,emodistill,jpo-emotion-free
 else
   echo "PROFILE must be quick or paper, got '$PROFILE'" >&2; exit 2
@@ -30,8 +30,12 @@ JPO_SCEN=${JPO_SCEN:-$D_JPO_SCEN}         # JPO scenario groups per domain
 JPO_GROUP=${JPO_GROUP:-$D_JPO_GROUP}      # offline focal turns per group
 JPO_EPOCHS=${JPO_EPOCHS:-$D_JPO_EPOCHS}
 EVAL_SEEDS=${EVAL_SEEDS:-$D_EVAL_SEEDS}   # seeds per held-out scenario (20 scenarios x 4 domains each)
+EVAL_BATCH=${EVAL_BATCH:-128}           # LM episodes decoded together in eval (80 held-out episodes fit in one)
 METHODS=${METHODS:-$D_METHODS}            # eval methods (quick leaves out the slow LM rows random,
                                           # best-fixed and sft-emotion-free; their teacher-* rows stay)
+STUDIES=${STUDIES:-$D_STUDIES}            # optional studies after eval: emotions,transfer,counterparties
+                                          # (off in quick: they do not fit its time; emotions+transfer
+                                          # are simulator-only, a few minutes on 2 cores)
 FORCE_FLAG=""; [ "${FORCE:-0}" = "1" ] && FORCE_FLAG="--force"
 PY=${PYTHON:-python3}
 start=$(date +%s); last=$start; TIMES=""
@@ -79,6 +83,19 @@ $PY emodistill.py jpo --out "$RUN" --emotion-free --scenarios-per-domain "$JPO_S
 #    the same counterparty draws for every method. teacher-* rows use the SimTeacher as the
 #    expresser (seconds); the others use SmolLM2 (minutes each on a CPU).
 #    -> $RUN/eval/<method>.json, $RUN/results.md (and PNG plots when matplotlib is installed)
-$PY emodistill.py eval --out "$RUN" --methods "$METHODS" --seeds "$EVAL_SEEDS" $FORCE_FLAG; stamp eval
+$PY emodistill.py eval --out "$RUN" --methods "$METHODS" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" \
+  $FORCE_FLAG; stamp eval
+
+# 10. optional studies, each adding its section to $RUN/results.md:
+#    emotions: each of the 28 emotions held fixed for whole episodes, training scenarios (sim, ~2 min);
+#    transfer: one IQL selector per domain tested on every domain (sim, ~1 min per domain);
+#    counterparties: every eval method against each domain's held-out persona (LM rows: minutes each).
+case ",$STUDIES," in *,emotions,*)
+  $PY emodistill.py study-emotions --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG; stamp study-emotions;; esac
+case ",$STUDIES," in *,transfer,*)
+  $PY emodistill.py study-transfer --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG; stamp study-transfer;; esac
+case ",$STUDIES," in *,counterparties,*)
+  $PY emodistill.py study-counterparties --out "$RUN" --methods "$METHODS" --seeds "$EVAL_SEEDS" \
+    --lm-batch "$EVAL_BATCH" $FORCE_FLAG; stamp study-counterparties;; esac
 
 echo "[train.sh] stage wall times: ${TIMES%, }; total $(( $(date +%s) - start ))s"

@@ -328,3 +328,24 @@ def test_api_judge_stage(tmp_path, monkeypatch, server, answer, want):
     assert all(set(t["components"]) >= {"offer", "effect"} for t in focal)   # rubric parts kept
     assert server.requests[0]["body"]["model"] == "judge-model"
     assert emodistill.main(["iql", "--out", out, "--steps", "20"]) == 0       # missing scores are usable
+
+
+def test_study_counterparties_with_api_counterparty(tmp_path, monkeypatch, server):
+    """The unseen-counterparty study: training personas, the held-out persona and an api:
+    counterparty (the local mock server) in one table, all from teacher-random episodes."""
+    import emodistill
+    monkeypatch.setenv("EMODISTILL_API_BASE", server.base_url)
+    server.script = ["ok:I can pay it all back in 40 days."]
+    out = str(tmp_path / "run")
+    assert emodistill.main(["study-counterparties", "--out", out, "--domains", "crad", "--methods", "teacher-random",
+                            "--seeds", "1", "--counterparties", "api:cp-model"]) == 0
+    assert server.count > 0 and server.requests[0]["body"]["model"] == "cp-model"
+    res = json.load(open(os.path.join(out, "eval-cp-api_cp-model", "teacher-random.json")))
+    cp_turns = [t for r in res["records"] for t in r["turns"] if t["speaker"] == "counterparty"]
+    assert cp_turns and all(t["text"] == "I can pay it all back in 40 days." and t["offer"] == 40 for t in cp_turns)
+    held = json.load(open(os.path.join(out, "eval-heldout", "teacher-random.json")))
+    assert {r["persona"] for r in held["records"]} == {"guarded"}
+    md = open(os.path.join(out, "results.md")).read()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| teacher-random |") and "<br>" in ln)
+    assert row.count("<br>") == 3          # three counterparty settings
+    assert "api:cp-model counterparty" in md
