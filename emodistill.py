@@ -261,8 +261,10 @@ def collect(args):
     settings = {"domains": domains, "scenario_seed": args.scenario_seed, "teacher": args.teacher,
                 "counterparty": args.counterparty,
                 "seeds_per_scenario": args.seeds_per_scenario, "scenarios": args.scenarios, "seed": args.seed,
-                "emotions": emotions, "persona": args.persona, "max_turns": cfg.max_turns, "scenarios_csv": csv_shas,
+                "emotions": emotions, "persona": args.persona, "max_turns": cfg.max_turns,
                 "domains_file_sha": _sha(args.domains_file)}
+    if csv_shas:                      # (only then, so that runs made before the importer still match)
+        settings["scenarios_csv"] = csv_shas
     path = os.path.join(args.out, "corpus.jsonl")
     _prepare_out(args.out, "collect.json", settings, args.force)  # refuses other settings first
     if os.path.exists(path) and not args.force:
@@ -320,7 +322,7 @@ def import_scenarios(args, cfg, domains):
         except ng.ScenarioCsvError as e:
             raise StageError(str(e)) from None
         dom.imported = scs
-        shas[d], reports[d] = _sha(path), rep
+        shas[d], reports[d] = _sha(path) + "+" + _text_sha(json.dumps(dom.emomas, sort_keys=True)), rep
         n_test = sum(sc.id in ng.TEST_IDS for sc in scs)
         print(f"[scenarios] {d}: {path}: {rep['rows']} rows, {rep['read']} read ({rep['repaired']} repaired, "
               f"{n_test} of them test scenarios), {len(rep['skipped'])} skipped")
@@ -338,9 +340,34 @@ def _need(path, hint):
 
 
 def _sha(path):
+    """Short content hash of a file, for the settings that decide whether a stage's output is
+    stale. domains.yaml is hashed without its optional `emomas:` sections: they only matter
+    with --scenarios-csv, whose settings hash them (with the CSV) separately."""
     import hashlib
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+        data = f.read()
+    if path.endswith((".yaml", ".yml")):
+        data = _without_emomas(data.decode("utf-8", "replace")).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _text_sha(text):
+    import hashlib
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _without_emomas(text):
+    out, skip, ind = [], False, 0
+    for ln in text.split("\n"):
+        indent = len(ln) - len(ln.lstrip())
+        if re.match(r"^\s*emomas:", ln):
+            skip, ind = True, indent
+            continue
+        if skip and ln.strip() and indent > ind:
+            continue
+        skip = False
+        out.append(ln)
+    return "\n".join(out)
 
 
 def judge(args):
@@ -743,8 +770,9 @@ def best_fixed_emotions(args, cfg):
     path = os.path.join(args.out, "eval", "best_fixed.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     key = {"seeds": args.select_seeds, "seed": args.seed, "scenario_seed": args.scenario_seed,
-           "scenarios_csv": getattr(args, "scenarios_csv_shas", None),
            "domains_file_sha": _sha(args.domains_file)}
+    if getattr(args, "scenarios_csv_shas", None):   # best fixed emotion on the imported training scenarios
+        key["scenarios_csv"] = args.scenarios_csv_shas
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
@@ -780,9 +808,10 @@ def evaluate(args):
                     "scenario_seed": args.scenario_seed, "persona": args.persona, "counterparty": args.counterparty,
                     "student": None if m.startswith("teacher-") else args.student, "sample": args.sample,
                     "best_fixed": best if "best-fixed" in m else None, "domains_file_sha": _sha(args.domains_file),
-                    "scenarios_csv": csv_shas,
                     "selector_sha": _sha(iql_path) if _uses_selector(m) and os.path.exists(iql_path) else None,
                     "adapter_sha": _adapter_sha(args.out, m)}
+        if csv_shas:
+            settings["scenarios_csv"] = csv_shas
         if os.path.exists(path) and not args.force:
             with open(path) as f:
                 cached = json.load(f)

@@ -194,3 +194,18 @@ def test_study_transfer_table(tmp_path):
     with open(os.path.join(out, "transfer", "transfer.json")) as f:
         util = json.load(f)["utility"]
     assert all(0 <= util[r][d][0] <= 1 for r in util for d in ("crad", "student"))
+
+
+def test_domains_hash_ignores_only_the_emomas_sections(tmp_path):
+    """Stage settings hash domains.yaml without its `emomas:` sections (they only matter with
+    --scenarios-csv, hashed there), so adding the importer's mapping leaves old runs valid."""
+    from conftest import DOMAINS_FILE
+    text = open(DOMAINS_FILE).read()
+    stripped = emodistill._without_emomas(text)
+    assert "emomas:" in text and "emomas:" not in stripped and "Creditor Target Days" not in stripped
+    assert stripped.count("    scenario:") == text.count("    scenario:")
+    a, b, c = (tmp_path / n for n in ("a.yaml", "b.yaml", "c.yaml"))
+    a.write_text(text)
+    b.write_text(stripped)
+    c.write_text(stripped.replace("max_turns: 30", "max_turns: 28"))
+    assert emodistill._sha(str(a)) == emodistill._sha(str(b)) != emodistill._sha(str(c))
