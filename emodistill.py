@@ -1514,6 +1514,11 @@ def main(argv=None):
     except (ng.DomainConfigError, StageError, ValueError, RuntimeError, ng.ApiError) as e:
         print(f"emodistill {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:              # a full disk, a read-only run folder, a path that is a file
+        where = f": {e.filename}" if e.filename else ""
+        print(f"emodistill {args.cmd}: error: {e.strerror or e}{where} (files already complete are kept; "
+              f"fix the folder and re-run to resume)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -209,3 +209,38 @@ def test_summary_ignores_missing_llm_scores(tmp_path, capsys):
     assert run("summary", "--out", out) == 0
     row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| all |")][0]
     assert row.rstrip().split("|")[-2].strip() != "-"
+
+
+def test_full_disk_and_unwritable_run_folder(tmp_path, monkeypatch, capsys):
+    """A write that fails (full disk) stops collect with a clear message and keeps the lines
+    already written; re-running resumes to the same corpus. A run folder that cannot be
+    created is a clear error, not a traceback."""
+    import errno
+    out = str(tmp_path / "run")
+    real = emodistill.PartialJsonl.append
+    calls = {"n": 0}
+
+    def flaky(self, records):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", self.partial)
+        return real(self, records)
+    monkeypatch.setattr(emodistill.PartialJsonl, "append", flaky)
+    with pytest.raises(OSError):     # the stage itself does not swallow it ...
+        emodistill.collect(emodistill.build_parser().parse_args(["collect", "--out", out, *SMALL]))
+    calls["n"] = 0
+    assert run("collect", "--out", out, *SMALL) == 2   # ... the CLI reports it
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "corpus.jsonl.partial" in err
+    kept, _ = emodistill.read_jsonl(os.path.join(out, "corpus.jsonl.partial"))
+    assert len(kept) == 4 * 8           # two whole batches survived each failed attempt (the 2nd resumed)
+    monkeypatch.setattr(emodistill.PartialJsonl, "append", real)
+    assert run("collect", "--out", out, *SMALL) == 0
+    ref = str(tmp_path / "ref")
+    assert run("collect", "--out", ref, *SMALL) == 0
+    assert open(os.path.join(out, "corpus.jsonl")).read() == open(os.path.join(ref, "corpus.jsonl")).read()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert run("collect", "--out", str(blocker / "run"), *SMALL) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "a_file" in err and "Traceback" not in err
