@@ -135,15 +135,24 @@ class StageError(RuntimeError):
     pass
 
 
-def write_json_atomic(path, obj):
+def write_text_atomic(path, text):
+    """Write `path` through `<path>.tmp` and a rename, so a reader never sees half a file."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except OSError as e:
         raise StageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_jsonl(path, on_bad="error", required=("key", "domain", "turns", "outcome")):
@@ -262,7 +271,7 @@ def collect(args):
                 "counterparty": args.counterparty,
                 "seeds_per_scenario": args.seeds_per_scenario, "scenarios": args.scenarios, "seed": args.seed,
                 "emotions": emotions, "persona": args.persona, "max_turns": cfg.max_turns,
-                "domains_file_sha": _sha(args.domains_file)}
+                "domains_file_sha": _domains_sha(args.domains_file)}
     if csv_shas:                      # (only then, so that runs made before the importer still match)
         settings["scenarios_csv"] = csv_shas
     path = os.path.join(args.out, "corpus.jsonl")
@@ -340,15 +349,19 @@ def _need(path, hint):
 
 
 def _sha(path):
-    """Short content hash of a file, for the settings that decide whether a stage's output is
-    stale. domains.yaml is hashed without its optional `emomas:` sections: they only matter
-    with --scenarios-csv, whose settings hash them (with the CSV) separately."""
+    """Short content hash of a file, for the settings that decide whether a stage's output is stale."""
     import hashlib
     with open(path, "rb") as f:
-        data = f.read()
-    if path.endswith((".yaml", ".yml")):
-        data = _without_emomas(data.decode("utf-8", "replace")).encode()
-    return hashlib.sha256(data).hexdigest()[:16]
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _domains_sha(path):
+    """Like _sha, for a domains file, but without its optional `emomas:` sections: they only
+    matter with --scenarios-csv, whose settings hash them (with the CSV) separately, so runs
+    made before the importer existed stay valid."""
+    import hashlib
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return hashlib.sha256(_without_emomas(f.read()).encode()).hexdigest()[:16]
 
 
 def _text_sha(text):
@@ -569,7 +582,8 @@ def train_sft(args):
     from dataclasses import asdict
     settings = {"student": args.student, "emotion_free": args.emotion_free, "top_k": args.top_k,
                 "max_examples": args.max_examples, "config": asdict(hp), "selector_sha": _sha(sel_path),
-                "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")), "domains_file_sha": _sha(args.domains_file)}
+                "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")),
+                "domains_file_sha": _domains_sha(args.domains_file)}
     ckpt = _start_adapter_stage(args, "sft", name, settings)
     if ckpt is None:
         return folder
@@ -659,7 +673,8 @@ def train_jpo(args):
     settings = {"student": args.student, "emotion_free": args.emotion_free, "config": asdict(hp),
                 "scenarios_per_domain": args.scenarios_per_domain, "group_size": args.group_size,
                 "sft_sha": _sha(os.path.join(init, "adapter_model.safetensors")),
-                "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")), "domains_file_sha": _sha(args.domains_file)}
+                "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")),
+                "domains_file_sha": _domains_sha(args.domains_file)}
     ckpt = _start_adapter_stage(args, "jpo", name, settings)
     if ckpt is None:
         return folder
@@ -770,7 +785,7 @@ def best_fixed_emotions(args, cfg):
     path = os.path.join(args.out, "eval", "best_fixed.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     key = {"seeds": args.select_seeds, "seed": args.seed, "scenario_seed": args.scenario_seed,
-           "domains_file_sha": _sha(args.domains_file)}
+           "domains_file_sha": _domains_sha(args.domains_file)}
     if getattr(args, "scenarios_csv_shas", None):   # best fixed emotion on the imported training scenarios
         key["scenarios_csv"] = args.scenarios_csv_shas
     if os.path.exists(path):
@@ -807,7 +822,8 @@ def evaluate(args):
         settings = {"domains": args.domain_list, "seeds": args.seeds, "seed": args.seed, "split": args.split,
                     "scenario_seed": args.scenario_seed, "persona": args.persona, "counterparty": args.counterparty,
                     "student": None if m.startswith("teacher-") else args.student, "sample": args.sample,
-                    "best_fixed": best if "best-fixed" in m else None, "domains_file_sha": _sha(args.domains_file),
+                    "best_fixed": best if "best-fixed" in m else None,
+                    "domains_file_sha": _domains_sha(args.domains_file),
                     "selector_sha": _sha(iql_path) if _uses_selector(m) and os.path.exists(iql_path) else None,
                     "adapter_sha": _adapter_sha(args.out, m)}
         if csv_shas:
@@ -865,9 +881,7 @@ def evaluate(args):
         lines += _study_sections(args.out)
     text = "\n".join(lines)
     report = os.path.join(args.out, "results.md" if args.eval_dir == "eval" else f"results-{args.eval_dir}.md")
-    with open(report + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(report + ".tmp", report)
+    write_text_atomic(report, text)
     print(text)
     return results
 
@@ -876,12 +890,8 @@ def _plots(folder, results, methods, domains):
     """utility.png (mean utility with 95% CI by method and domain) and emotions_by_turn.png
     (which emotion each selector-driven method chose at each focal turn), when matplotlib is
     installed. Returns the lines to add to results.md."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[eval] matplotlib is not installed: plots skipped (pip install matplotlib)")
+    plt = _pyplot("[eval] plots")
+    if plt is None:
         return ["(plots skipped: matplotlib is not installed)"]
     import numpy as np
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods) * len(domains) / 3), 4))
@@ -929,17 +939,13 @@ def _study_section(out, name, lines):
     text = "\n".join(lines).rstrip() + "\n"
     os.makedirs(os.path.join(out, "studies"), exist_ok=True)
     path = os.path.join(out, "studies", f"{name}.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, text)
     report = os.path.join(out, "results.md")
     old = open(report).read() if os.path.exists(report) else "# Results\n"
     begin, end = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
     if begin in old and end in old:
         old = old[:old.index(begin)].rstrip() + "\n" + old[old.index(end) + len(end):].lstrip("\n")
-    with open(report + ".tmp", "w") as f:
-        f.write(old.rstrip() + f"\n\n{begin}\n{text}{end}\n")
-    os.replace(report + ".tmp", report)
+    write_text_atomic(report, old.rstrip() + f"\n\n{begin}\n{text}{end}\n")
     return path
 
 
@@ -961,12 +967,13 @@ def study_emotions(args):
     args.domain_list = ng.pick_domains(cfg, args.domains)
     teacher, cp = ng.SimTeacher(cfg), ng.SimCounterparty(cfg)
     ids = parse_ids(args.scenarios)
+    iql_path = os.path.join(args.out, "iql.pt")
     settings = {"domains": args.domain_list, "seeds": args.seeds, "seed": args.seed, "scenarios": args.scenarios,
-                "persona": args.persona, "scenario_seed": args.scenario_seed, "domains_file_sha": _sha(args.domains_file),
-                "selector_sha": _sha(os.path.join(args.out, "iql.pt"))
-                if os.path.exists(os.path.join(args.out, "iql.pt")) else None}
+                "persona": args.persona, "scenario_seed": args.scenario_seed,
+                "domains_file_sha": _domains_sha(args.domains_file),
+                "selector_sha": _sha(iql_path) if os.path.exists(iql_path) else None}
     done = os.path.join(args.out, "studies", "emotions.json")
-    if os.path.exists(done) and not args.force and json.load(open(done)).get("settings") == settings:
+    if os.path.exists(done) and not args.force and _read_json(done).get("settings") == settings:
         print(f"[study-emotions] {done} is complete; skipping (use --force to redo)")
         return
     t0 = time.time()
@@ -981,7 +988,7 @@ def study_emotions(args):
             bar.update(1)
     bar.close()
     chosen, sel_summary = {}, {}
-    if os.path.exists(os.path.join(args.out, "iql.pt")):   # what the learned selector picks on the same scenarios
+    if os.path.exists(iql_path):                           # what the learned selector picks on the same scenarios
         args.sample = False
         policy = _policy_for("teacher-iql", args, cfg, {})
         for d in args.domain_list:
@@ -1080,7 +1087,7 @@ def study_transfer(args):
     for src in domains:
         path, meta = os.path.join(folder, f"iql-{src}.pt"), os.path.join(folder, f"iql-{src}.json")
         settings = {"judged_sha": judged_sha, "steps": args.steps, "seed": args.seed}
-        fresh = os.path.exists(path) and not args.force and os.path.exists(meta) and json.load(open(meta)) == settings
+        fresh = os.path.exists(path) and not args.force and os.path.exists(meta) and _read_json(meta) == settings
         if not fresh:
             data = iql.transitions([r for r in records if r["domain"] == src], [src], hp, cfg.max_turns)
             if not len(data["a"]):
@@ -1133,13 +1140,22 @@ def _spearman(a, b):
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _emotion_heatmap(out, table, domains):
+def _pyplot(what):
+    """matplotlib.pyplot on the file-only backend, or None (with a message) when matplotlib,
+    an optional extra, is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[study-emotions] matplotlib is not installed: heatmap skipped")
+        print(f"{what} skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    return plt
+
+
+def _emotion_heatmap(out, table, domains):
+    plt = _pyplot("[study-emotions] heatmap")
+    if plt is None:
         return ["(heatmap skipped: matplotlib is not installed)"]
     import numpy as np
     u = np.array([[table[d][e]["utility"][0] for d in domains] for e in ng.EMOTIONS])   # (28, domains)

@@ -37,7 +37,7 @@ import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import yaml
@@ -710,7 +710,6 @@ def import_scenarios_csv(dom: Domain, path, seed=0):
     if missing:
         raise ScenarioCsvError(f"{path}: domain '{dom.key}' maps column(s) {missing} that the header lacks "
                                f"(header: {columns})")
-    from dataclasses import replace
     generated = make_scenarios(replace(dom, imported=None), seed)
     out, report = [], {"file": str(path), "rows": 0, "read": 0, "repaired": 0, "skipped": []}
     for line, cells in enumerate(rows[1:], start=2):

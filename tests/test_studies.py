@@ -1,0 +1,55 @@
+"""The studies (study-emotions, study-transfer): their tables and their sections in results.md.
+study-counterparties is tested with an api: counterparty in test_api.py."""
+import json
+import os
+
+import pytest
+
+import emodistill
+import negotiate as ng
+
+
+def test_study_emotions_table_and_results_section(tmp_path, capsys):
+    """The per-emotion study ranks all 28 emotions per domain and keeps one copy of its
+    section in results.md, which a later eval keeps."""
+    out = str(tmp_path / "run")
+    argv = ["study-emotions", "--out", out, "--domains", "student", "--seeds", "2", "--scenarios", "0-9"]
+    assert emodistill.main(argv) == 0
+    md = open(os.path.join(out, "studies", "emotions.md")).read()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert len(rows) == 28 and {r.split(" | ")[1] for r in rows} == set(ng.EMOTIONS)
+    util = [float(r.split(" | ")[2].split()[0]) for r in rows]
+    assert util == sorted(util, reverse=True)
+    assert "selector share" not in md and "No iql.pt" in md
+    with open(os.path.join(out, "studies", "emotions.json")) as f:
+        data = json.load(f)
+    assert data["utility"]["student"]["anger"][0] == pytest.approx(util[[r.split(" | ")[1] for r in rows].index("anger")],
+                                                                    abs=1e-3)
+    assert emodistill.main(argv) == 0                         # re-run: the section is replaced, not repeated
+    results = open(os.path.join(out, "results.md")).read()
+    assert results.count("<!-- study:emotions -->") == 1 and results.count("| 28 |") == 1
+    assert emodistill.main(["eval", "--out", out, "--domains", "student", "--methods", "teacher-random",
+                            "--seeds", "1"]) == 0
+    results = open(os.path.join(out, "results.md")).read()
+    assert "| teacher-random |" in results and results.count("<!-- study:emotions -->") == 1
+
+
+def test_study_transfer_table(tmp_path):
+    """One selector per domain, each tested on every domain: a 2x2 table plus the floor row,
+    with the diagonal marked; a re-run reuses the trained selectors."""
+    out = str(tmp_path / "run")
+    assert emodistill.main(["collect", "--out", out, "--domains", "crad,student", "--scenarios", "0-9",
+                            "--seeds-per-scenario", "2"]) == 0
+    assert emodistill.main(["judge", "--out", out]) == 0
+    argv = ["study-transfer", "--out", out, "--domains", "crad,student", "--steps", "30", "--seeds", "1"]
+    assert emodistill.main(argv) == 0
+    md = open(os.path.join(out, "studies", "transfer.md")).read()
+    rows = {ln.split(" | ")[0][2:]: ln for ln in md.splitlines() if ln.startswith("| ") and "[" in ln}
+    assert set(rows) == {"crad only", "student only", "random emotion (floor)"}
+    assert rows["crad only"].split(" | ")[1].startswith("**") and rows["student only"].split(" | ")[2].startswith("**")
+    mtime = os.path.getmtime(os.path.join(out, "transfer", "iql-crad.pt"))
+    assert emodistill.main(argv) == 0
+    assert os.path.getmtime(os.path.join(out, "transfer", "iql-crad.pt")) == mtime
+    with open(os.path.join(out, "transfer", "transfer.json")) as f:
+        util = json.load(f)["utility"]
+    assert all(0 <= util[r][d][0] <= 1 for r in util for d in ("crad", "student"))
