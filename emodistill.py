@@ -880,8 +880,9 @@ def evaluate(args):
     if args.eval_dir == "eval":
         lines += _study_sections(args.out)
     text = "\n".join(lines)
-    report = os.path.join(args.out, "results.md" if args.eval_dir == "eval" else f"results-{args.eval_dir}.md")
-    write_text_atomic(report, text)
+    if getattr(args, "write_report", True):   # a study reusing the main eval leaves its results.md alone
+        report = os.path.join(args.out, "results.md" if args.eval_dir == "eval" else f"results-{args.eval_dir}.md")
+        write_text_atomic(report, text)
     print(text)
     return results
 
@@ -1038,7 +1039,8 @@ def study_counterparties(args):
     personas (the main eval), (b) each domain's held-out SimCounterparty persona, and (c) each
     agent spec in --counterparties (e.g. `smollm2`, `hf:<model>`, `api:<model>`), one eval
     folder each (eval, eval-heldout, eval-cp-<spec>), then one table of utility and success."""
-    rows = [("training personas (sim)", {"persona": None, "counterparty": "sim", "eval_dir": "eval"}),
+    rows = [("training personas (sim)", {"persona": None, "counterparty": "sim", "eval_dir": "eval",
+                                         "write_report": False}),
             ("held-out persona (sim)", {"persona": "heldout", "counterparty": "sim", "eval_dir": "eval-heldout"})]
     for spec in [c.strip() for c in args.counterparties.split(",") if c.strip()]:
         rows.append((f"{spec} counterparty", {"persona": None, "counterparty": spec,

@@ -337,6 +337,8 @@ def test_study_counterparties_with_api_counterparty(tmp_path, monkeypatch, serve
     monkeypatch.setenv("EMODISTILL_API_BASE", server.base_url)
     server.script = ["ok:I can pay it all back in 40 days."]
     out = str(tmp_path / "run")
+    assert emodistill.main(["eval", "--out", out, "--domains", "crad", "--methods", "teacher-random,teacher-fixed:joy",
+                            "--seeds", "1"]) == 0
     assert emodistill.main(["study-counterparties", "--out", out, "--domains", "crad", "--methods", "teacher-random",
                             "--seeds", "1", "--counterparties", "api:cp-model"]) == 0
     assert server.count > 0 and server.requests[0]["body"]["model"] == "cp-model"
@@ -349,3 +351,4 @@ def test_study_counterparties_with_api_counterparty(tmp_path, monkeypatch, serve
     row = next(ln for ln in md.splitlines() if ln.startswith("| teacher-random |") and "<br>" in ln)
     assert row.count("<br>") == 3          # three counterparty settings
     assert "api:cp-model counterparty" in md
+    assert "| teacher-fixed:joy |" in md  # the study did not rewrite the main eval's table with its own methods
