@@ -18,6 +18,9 @@ Layout of one batched call (B sequences, P_b cached tokens, S_b new prompt token
 
 Pads are masked out, positions are explicit (P_b + i), so rows of different lengths share
 one preallocated cache tensor per layer and the newest token of every row is the last column.
+Rows are ordered by their count of new tokens and the prompt is run in chunks of rows of
+similar length (each chunk only as wide as its longest row), so a batch with a few long new
+prompts does not pad every other row to their length.
 Once half the rows of a call have produced their end token, those rows are handed back and
 dropped from the batch, so a call does not keep paying for replies that have already ended.
 """
@@ -53,6 +56,26 @@ class KVCache:
         self.ids, self.kv = ids, kv
 
 
+def prefill_chunks(lengths, overhead=64):
+    """Split rows sorted by new-token count (ascending) into contiguous chunks for prefill.
+    A chunk runs (rows x its longest row) tokens, so one chunk for everything pays for the
+    padding of every short row; each extra chunk costs one more pass through the layers,
+    counted as `overhead` tokens. Exact minimum by dynamic programming (B is at most a few
+    hundred). Returns [(start, end), ...] covering range(len(lengths))."""
+    n = len(lengths)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for b in range(1, n + 1):
+        for a in range(b):
+            c = best[a] + (b - a) * lengths[b - 1] + overhead
+            if c < best[b]:
+                best[b], cut[b] = c, a
+    out, b = [], n
+    while b:
+        out.append((cut[b], b))
+        b = cut[b]
+    return out[::-1]
+
+
 def common_prefix(a, b):
     n = min(len(a), len(b))
     i = 0
@@ -73,6 +96,7 @@ class KVDecoder:
         self.n_heads = c.num_attention_heads
         self.n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.prefill_overhead = 64      # one extra prefill pass, in tokens (prefill_chunks)
         # running totals, read by the benchmark: tokens and seconds of prefill and of decoding
         self.reused_tokens = self.prefilled_tokens = self.decoded_tokens = 0
         self.prefill_seconds = self.decode_seconds = 0.0
@@ -138,6 +162,11 @@ class KVDecoder:
         for ids, c in zip(prompts, caches):
             n = common_prefix(c.ids, ids) if c is not None else 0
             reuse.append(min(n, len(ids) - 1))                              # keep >= 1 new token
+        # rows ordered by their count of new tokens, so that prefill can run in chunks of
+        # similar length (prefill_chunks); `rows` maps each row back to its prompt
+        order = sorted(range(B), key=lambda b: (len(prompts[b]) - reuse[b], b))
+        prompts_in, caches_in, reuse_in = prompts, caches, reuse
+        prompts, caches, reuse = [prompts_in[b] for b in order], [caches_in[b] for b in order], [reuse_in[b] for b in order]
         new = [len(ids) - n for ids, n in zip(prompts, reuse)]
         maxP, maxS = max(reuse), max(new)
         T = maxP + maxS + self.max_new_tokens
@@ -159,13 +188,18 @@ class KVDecoder:
         self.reused_tokens += sum(reuse)
         self.prefilled_tokens += sum(new)
         t0 = time.perf_counter()
-        logits = self._forward(ids, pos, K, V, valid, maxP)
+        logits = []
+        for a, b in prefill_chunks(new, self.prefill_overhead):                 # each chunk: its rows, its longest row's columns
+            S = new[b - 1]
+            logits.append(self._forward(ids[a:b, maxS - S:], pos[a:b, maxS - S:], [k[a:b] for k in K],
+                                        [v[a:b] for v in V], valid[a:b], maxP + maxS - S))
+        logits = torch.cat(logits)                                         # B,V
         t1 = time.perf_counter()
         next_pos = torch.tensor([n + s for n, s in zip(reuse, new)], device=dev)
         eos = self.eos.to(dev)
         out = torch.zeros(B, self.max_new_tokens, dtype=torch.long, device=dev)
         lengths = torch.full((B,), self.max_new_tokens, dtype=torch.long, device=dev)
-        rows = torch.arange(B, device=dev)           # which prompt each row of K/V/valid/logits is
+        rows = torch.tensor(order, device=dev)       # which prompt each row of K/V/valid/logits is
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         new_tokens, new_caches = [None] * B, [None] * B
 
@@ -174,7 +208,7 @@ class KVDecoder:
             before `stored`, in order: prompt + generated tokens that have keys/values)."""
             gen = out[b, :int(lengths[b])].tolist()
             cols = valid[local, :stored].nonzero().squeeze(-1)
-            seq = prompts[b] + gen
+            seq = prompts_in[b] + gen
             keep = cols[:len(seq)]
             kv = torch.stack([torch.stack((K[li][local][:, keep], V[li][local][:, keep]))
                               for li in range(self.n_layers)])             # L,2,kv,n,hd

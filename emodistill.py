@@ -105,6 +105,16 @@ def load_lm(spec="smollm2", device=None, dtype=None):
     return model.to(device).eval(), tok
 
 
+def lm_cost(agent):
+    """Where an LM agent's time went: tokens run in prefill, reused from cache, generated."""
+    line = (f"prompt tokens run {agent.prompt_tokens}, reused from cache {agent.reused_tokens}, "
+            f"generated {agent.generated_tokens}, in {agent.gen_seconds:.1f}s")
+    d = getattr(agent, "decoder", None)
+    if d is not None and d.prefill_seconds + d.decode_seconds > 0:
+        line += f" (prefill {d.prefill_seconds:.1f}s, decoding {d.decode_seconds:.1f}s)"
+    return line
+
+
 def make_agent(spec, role, cfg, seed=0, batch_size=32, emotion_free=False, model_cache=None, adapter=None):
     """Agent from a command-line spec: sim | smollm2 | hf:<id or path> | api:<model>.
     `adapter`: a LoRA adapter folder loaded onto (a private copy of) the LM and merged."""
@@ -262,7 +272,7 @@ def parse_ids(spec):
 def collect(args):
     """Play teacher vs counterparty on the chosen scenarios with a uniformly random emotion per
     focal turn and write one trajectory per line to corpus.jsonl."""
-    cfg = ng.load_config(args.domains_file)
+    cfg = _config(args)
     domains = ng.pick_domains(cfg, args.domains)
     emotions = ng.check_emotions(args.emotions.split(",")) if args.emotions else None
     ids = parse_ids(args.scenarios)
@@ -271,7 +281,7 @@ def collect(args):
                 "counterparty": args.counterparty,
                 "seeds_per_scenario": args.seeds_per_scenario, "scenarios": args.scenarios, "seed": args.seed,
                 "emotions": emotions, "persona": args.persona, "max_turns": cfg.max_turns,
-                "domains_file_sha": _domains_sha(args.domains_file)}
+                "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal"))}
     if csv_shas:                      # (only then, so that runs made before the importer still match)
         settings["scenarios_csv"] = csv_shas
     path = os.path.join(args.out, "corpus.jsonl")
@@ -355,13 +365,19 @@ def _sha(path):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def _domains_sha(path):
-    """Like _sha, for a domains file, but without its optional `emomas:` sections: they only
-    matter with --scenarios-csv, whose settings hash them (with the CSV) separately, so runs
-    made before the importer existed stay valid."""
+def _domains_sha(path, side="focal"):
+    """Like _sha, for a domains file, but without its optional `emomas:` sections (they only
+    matter with --scenarios-csv, whose settings hash them with the CSV) and, for the focal
+    side, without its `swap:` sections (they only define the role-swapped domains), so runs
+    made before either existed stay valid. The counterparty side hashes the swap sections too."""
     import hashlib
     with open(path, encoding="utf-8", errors="replace") as f:
-        return hashlib.sha256(_without_emomas(f.read()).encode()).hexdigest()[:16]
+        text = f.read()
+    if side == "counterparty":
+        text = "side: counterparty\n" + _without_sections(text, ("emomas",))
+    else:
+        text = _without_sections(text, ("emomas", "swap"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _text_sha(text):
@@ -369,11 +385,13 @@ def _text_sha(text):
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _without_emomas(text):
+def _without_sections(text, names):
+    """`text` (YAML) without the blocks that start with one of `names` followed by a colon."""
     out, skip, ind = [], False, 0
+    start = re.compile(r"^\s*(?:%s):" % "|".join(map(re.escape, names)))
     for ln in text.split("\n"):
         indent = len(ln) - len(ln.lstrip())
-        if re.match(r"^\s*emomas:", ln):
+        if start.match(ln):
             skip, ind = True, indent
             continue
         if skip and ln.strip() and indent > ind:
@@ -383,9 +401,14 @@ def _without_emomas(text):
     return "\n".join(out)
 
 
+def _config(args):
+    """The domains of this run: as written, or with the roles swapped (--side counterparty)."""
+    return ng.load_config(args.domains_file, side=getattr(args, "side", "focal"))
+
+
 def judge(args):
     """Add per-focal-turn judge scores (and their components) to every trajectory."""
-    cfg = ng.load_config(args.domains_file)
+    cfg = _config(args)
     llm = None if args.judge == "rubric" else make_judge(args.judge, cfg, args.lm_batch)
     src = os.path.join(args.out, "corpus.jsonl")
     if not os.path.exists(src):
@@ -458,7 +481,7 @@ def _load_judged(args):
 def train_iql(args):
     """Train the IQL emotion selector on the judged corpus -> runs/NAME/iql.pt (resumable)."""
     import iql
-    cfg = ng.load_config(args.domains_file)
+    cfg = _config(args)
     hp = iql.IQLConfig(steps=args.steps, expectile=args.expectile, beta=args.beta, seed=args.seed)
     path = os.path.join(args.out, "iql.pt")
     from dataclasses import asdict
@@ -572,7 +595,7 @@ def train_sft(args):
 
     import iql
     import lora
-    cfg = ng.load_config(args.domains_file)
+    cfg = _config(args)
     name = _adapter_name(args)
     folder = os.path.join(args.out, name)
     _need(os.path.join(args.out, "judged.jsonl"), "run judge first")
@@ -583,7 +606,7 @@ def train_sft(args):
     settings = {"student": args.student, "emotion_free": args.emotion_free, "top_k": args.top_k,
                 "max_examples": args.max_examples, "config": asdict(hp), "selector_sha": _sha(sel_path),
                 "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")),
-                "domains_file_sha": _domains_sha(args.domains_file)}
+                "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal"))}
     ckpt = _start_adapter_stage(args, "sft", name, settings)
     if ckpt is None:
         return folder
@@ -659,7 +682,7 @@ def train_jpo(args):
 
     import jpo
     import lora
-    cfg = ng.load_config(args.domains_file)
+    cfg = _config(args)
     name = args.name or ("jpo-emotion-free" if args.emotion_free else "jpo")
     init = os.path.join(args.out, "sft-emotion-free" if args.emotion_free else "sft")
     folder = os.path.join(args.out, name)
@@ -674,7 +697,7 @@ def train_jpo(args):
                 "scenarios_per_domain": args.scenarios_per_domain, "group_size": args.group_size,
                 "sft_sha": _sha(os.path.join(init, "adapter_model.safetensors")),
                 "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")),
-                "domains_file_sha": _domains_sha(args.domains_file)}
+                "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal"))}
     ckpt = _start_adapter_stage(args, "jpo", name, settings)
     if ckpt is None:
         return folder
@@ -766,7 +789,8 @@ def _play(cfg, domains, ids, seeds, focal, cp, policy, run_seed, persona=None, s
     eps = [ng.new_episode(cfg.domains[d], sc, k, run_seed)
            for d in domains for sc in ng.make_scenarios(cfg.domains[d], scenario_seed, persona) if sc.id in ids
            for k in range(seeds)]
-    bar = _progress(len(eps), "play", unit="episode") if isinstance(focal, ng.LMAgent) else None
+    lm = any(isinstance(getattr(a, "agent", a), ng.LMAgent) for a in (focal, cp))
+    bar = _progress(len(eps), "play", unit="episode") if lm else None
     for s in range(0, len(eps), 256):
         done = [0]
 
@@ -785,7 +809,7 @@ def best_fixed_emotions(args, cfg):
     path = os.path.join(args.out, "eval", "best_fixed.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     key = {"seeds": args.select_seeds, "seed": args.seed, "scenario_seed": args.scenario_seed,
-           "domains_file_sha": _domains_sha(args.domains_file)}
+           "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal"))}
     if getattr(args, "scenarios_csv_shas", None):   # best fixed emotion on the imported training scenarios
         key["scenarios_csv"] = args.scenarios_csv_shas
     if os.path.exists(path):
@@ -809,7 +833,7 @@ def best_fixed_emotions(args, cfg):
 
 def evaluate(args):
     """Run methods on held-out scenarios (80-99) x seeds; write eval/<method>.json and results.md."""
-    cfg = ng.load_config(args.domains_file)
+    cfg = _config(args)
     args.domain_list = ng.pick_domains(cfg, args.domains)
     csv_shas = args.scenarios_csv_shas = import_scenarios(args, cfg, args.domain_list)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -823,7 +847,7 @@ def evaluate(args):
                     "scenario_seed": args.scenario_seed, "persona": args.persona, "counterparty": args.counterparty,
                     "student": None if m.startswith("teacher-") else args.student, "sample": args.sample,
                     "best_fixed": best if "best-fixed" in m else None,
-                    "domains_file_sha": _domains_sha(args.domains_file),
+                    "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal")),
                     "selector_sha": _sha(iql_path) if _uses_selector(m) and os.path.exists(iql_path) else None,
                     "adapter_sha": _adapter_sha(args.out, m)}
         if csv_shas:
@@ -852,6 +876,8 @@ def evaluate(args):
                       "records": recs}
         write_json_atomic(path, results[m])
         print(f"[eval] {m}: {len(recs)} episodes in {time.time() - t0:.1f}s -> {path}")
+        if isinstance(focal, ng.LMAgent):
+            print(f"       {lm_cost(focal)}")
     where = "held-out scenarios 80-99" if args.split == "test" else "training scenarios 0-79 (validation)"
     lines = [f"# Results: {where} x {args.seeds} seeds, run seed {args.seed} (mean [95% bootstrap CI])", ""]
     if best:
@@ -964,14 +990,14 @@ def study_emotions(args):
     """The paper's motivating study: each of the 28 emotions held fixed for whole episodes
     (SimTeacher as expresser, sim counterparty) on the training scenarios of each domain,
     ranked by mean utility, next to how often the IQL selector picks each emotion there."""
-    cfg = ng.load_config(args.domains_file)
+    cfg = _config(args)
     args.domain_list = ng.pick_domains(cfg, args.domains)
     teacher, cp = ng.SimTeacher(cfg), ng.SimCounterparty(cfg)
     ids = parse_ids(args.scenarios)
     iql_path = os.path.join(args.out, "iql.pt")
     settings = {"domains": args.domain_list, "seeds": args.seeds, "seed": args.seed, "scenarios": args.scenarios,
                 "persona": args.persona, "scenario_seed": args.scenario_seed,
-                "domains_file_sha": _domains_sha(args.domains_file),
+                "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal")),
                 "selector_sha": _sha(iql_path) if os.path.exists(iql_path) else None}
     done = os.path.join(args.out, "studies", "emotions.json")
     if os.path.exists(done) and not args.force and _read_json(done).get("settings") == settings:
@@ -1069,6 +1095,94 @@ def study_counterparties(args):
     print(f"[study-counterparties] -> {path}")
 
 
+def _side_agent(method, args, cfg, out, role, seed, cache):
+    """The expresser of `method` for one side: the SimTeacher for teacher-*, else the student
+    LM with the method's adapter from run folder `out`."""
+    if method.startswith("teacher-"):
+        return ng.SimTeacher(cfg)
+    policy = _policy_for(method, argparse.Namespace(**{**vars(args), "out": out}), cfg, {})
+    return make_agent(args.student, role, cfg, seed, args.lm_batch, emotion_free=policy is None,
+                      model_cache=cache, adapter=_adapter_folder(out, method))
+
+
+def tournament(args):
+    """Trained-vs-trained round robin (SPEC §9): every focal method of --out against every
+    counterparty method of --cp-run, a run made with `--side counterparty` (the same pipeline
+    with the roles swapped), on held-out scenarios of each domain. The counterparty agent sees
+    each episode mirrored (negotiate.MirroredAgent), which is what it was trained on. Each
+    side's utility is where the agreement lies between the other side's opening (0) and its
+    own target (1), clipped to [0, 1]; 0 without agreement."""
+    cfg = _config(args)
+    if args.side != "focal":
+        raise StageError("tournament runs from the focal side's run folder; --cp-run names the other side's")
+    cp_cfg = ng.load_config(args.domains_file, side="counterparty")
+    domains = ng.pick_domains(cfg, args.domains)
+    args.domain_list = domains
+    meta = os.path.join(args.cp_run, "collect.json")
+    want = _domains_sha(args.domains_file, "counterparty")
+    if not os.path.exists(meta) or _read_json(meta).get("domains_file_sha") != want:
+        raise StageError(f"{args.cp_run} is not a counterparty-side run of this domains file: collect it with "
+                         f"`emodistill.py collect --side counterparty --out {args.cp_run}` (then judge, iql, sft, jpo "
+                         f"with --side counterparty)")
+    fms = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cms = [m.strip() for m in args.cp_methods.split(",") if m.strip()]
+    ids = list(ng.TEST_IDS)[:args.scenarios_per_domain]
+    folder = os.path.join(args.out, "tournament")
+    os.makedirs(folder, exist_ok=True)
+    cache, table = {}, {}
+    t0 = time.time()
+    for fm in fms:
+        for cm in cms:
+            path = os.path.join(folder, f"{fm}__vs__{cm}.json".replace(":", "_"))
+            settings = {"domains": domains, "ids": ids, "seeds": args.seeds, "seed": args.seed, "student": args.student,
+                        "domains_file_sha": _domains_sha(args.domains_file),
+                        "cp_domains_file_sha": want, "sample": args.sample,
+                        "focal": {"method": fm, "adapter_sha": _adapter_sha(args.out, fm),
+                                  "selector_sha": _sha(os.path.join(args.out, "iql.pt")) if _uses_selector(fm) else None},
+                        "counterparty": {"method": cm, "adapter_sha": _adapter_sha(args.cp_run, cm),
+                                         "selector_sha": _sha(os.path.join(args.cp_run, "iql.pt"))
+                                         if _uses_selector(cm) else None}}
+            if os.path.exists(path) and not args.force and _read_json(path).get("settings") == settings:
+                table[fm, cm] = _read_json(path)["records"]
+                print(f"[tournament] {fm} vs {cm}: cached in {path}")
+                continue
+            focal = _side_agent(fm, args, cfg, args.out, "focal", args.seed, cache)
+            cp_agent = _side_agent(cm, args, cp_cfg, args.cp_run, "focal", args.seed + 1, cache)
+            cp = ng.MirroredAgent(cp_agent, cp_cfg, _policy_for(cm, argparse.Namespace(**{**vars(args), "out": args.cp_run}),
+                                                                cp_cfg, {}))
+            t1 = time.time()
+            recs = _play(cfg, domains, ids, args.seeds, focal, cp, _policy_for(fm, args, cfg, {}), args.seed)
+            write_json_atomic(path, {"settings": settings, "seconds": round(time.time() - t1, 1), "records": recs})
+            table[fm, cm] = recs
+            print(f"[tournament] {fm} vs {cm}: {len(recs)} episodes in {time.time() - t1:.1f}s -> {path}")
+            for a in (focal, cp_agent):
+                if isinstance(a, ng.LMAgent):
+                    print(f"       {lm_cost(a)}")
+    n_ep = len(ids) * args.seeds * len(domains)
+    lines = [f"## Study: trained-vs-trained tournament ({len(ids)} held-out scenarios per domain from 80 x "
+             f"{args.seeds} seeds x {len(domains)} domains = {n_ep} episodes per pairing, all domains pooled)", "",
+             f"Command: `python emodistill.py tournament --out {args.out} --cp-run {args.cp_run} --methods {args.methods} "
+             f"--cp-methods {args.cp_methods} --scenarios-per-domain {args.scenarios_per_domain} --seeds {args.seeds}`. "
+             "Rows: the focal side's method (trained in this run); columns: the counterparty side's method "
+             f"(trained in {args.cp_run} with the roles swapped). Each cell: focal utility / counterparty utility, "
+             "then success % and mean rounds. Utility: where the agreement lies between the other side's opening "
+             "(0) and one's own target (1), 0 without agreement.", "",
+             "| focal \\ counterparty | " + " | ".join(cms) + " |", "|---|" + "---|" * len(cms)]
+    for fm in fms:
+        cells = []
+        for cm in cms:
+            recs = table[fm, cm]
+            sm = ng.summarize(recs)
+            cu = [1.0 - r["outcome"]["utility"] if r["outcome"]["success"] else 0.0 for r in recs]
+            cells.append(f"{sm['utility'][0]:.3f} / {sum(cu) / len(cu):.3f}<br>{100 * sm['success'][0]:.0f}%, "
+                         f"{sm['rounds'][0]:.1f} rounds")
+        lines.append(f"| {fm} | " + " | ".join(cells) + " |")
+    lines.append("")
+    path = _study_section(args.out, "tournament", lines)
+    print("\n".join(lines))
+    print(f"[tournament] {time.time() - t0:.1f}s -> {path}")
+
+
 def study_transfer(args):
     """Cross-domain transfer of the emotion selector: one IQL selector per domain, trained on
     that domain's part of the judged corpus only, then played (SimTeacher as expresser, sim
@@ -1076,7 +1190,7 @@ def study_transfer(args):
     is shown the scenario as if it were its own domain (its one-hot domain feature); the
     other features are direction-normalised and mean the same everywhere."""
     import iql
-    cfg = ng.load_config(args.domains_file)
+    cfg = _config(args)
     domains = ng.pick_domains(cfg, args.domains)
     records = _load_judged(args)
     hp = iql.IQLConfig(steps=args.steps, seed=args.seed)
@@ -1217,7 +1331,7 @@ def summary(args):
 def bench(args):
     """Throughput on this machine: sim collection (trajectories/s), IQL gradient steps/s, and
     SmolLM2 generation (new tokens/s at batch 1 and at the LMAgent batch size)."""
-    cfg = ng.load_config(args.domains_file)
+    cfg = _config(args)
     perceiver = ng.Perceiver(cfg.emotions)
     if "collect" in args.what:
         eps = [ng.new_episode(cfg.domains[d], sc, k) for d in cfg.domains
@@ -1364,6 +1478,13 @@ def _bench_train(args):
     t_ours = timed(ours)
     print(f"  no LoRA (frozen) {t_base:.3f}s/step | our LoRA r=16 on q,k,v,o {t_ours:.3f}s/step = "
           f"{t_ours / t_base:.3f}x the no-LoRA step | SFT {B * S / t_ours:.0f} tokens/s")
+    nodrop = copy.deepcopy(ours)
+    for mod in lora.lora_modules(nodrop).values():
+        mod.lora_dropout = torch.nn.Identity()
+    t_nodrop = timed(nodrop)
+    del nodrop
+    print(f"  our LoRA without its input dropout {t_nodrop:.3f}s/step = {t_nodrop / t_base:.3f}x the no-LoRA step "
+          f"(the dropout's share of the LoRA overhead: {(t_ours - t_nodrop) / max(t_ours - t_base, 1e-9):.0%})")
     try:
         import peft
     except ImportError:
@@ -1407,6 +1528,9 @@ def build_parser():
         sp.add_argument("--domains-file", default="domains.yaml", help="domain and emotion definitions")
         sp.add_argument("--out", default="runs/default", help="run folder")
         sp.add_argument("--force", action="store_true", help="redo the stage even if its output exists")
+        sp.add_argument("--side", choices=ng.SIDES, default="focal",
+                        help="counterparty = every domain with its roles swapped (domains.yaml swap: sections), "
+                             "to train the other side for the tournament; use its own --out")
         return sp
 
     c = common(sub.add_parser("collect", help="collect the offline corpus"))
@@ -1509,6 +1633,17 @@ def build_parser():
     st.add_argument("--seeds", type=int, default=5, help="seeds per held-out scenario")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
+    t = common(sub.add_parser("tournament", help="trained focal methods vs trained counterparty-side methods"))
+    t.add_argument("--cp-run", required=True, help="run folder of the counterparty side (made with --side counterparty)")
+    t.add_argument("--methods", default="vanilla,iql,emodistill", help="focal methods (as in eval)")
+    t.add_argument("--cp-methods", default="vanilla,iql,emodistill", help="counterparty-side methods")
+    t.add_argument("--domains", default="crad,disaster,hospital,student")
+    t.add_argument("--scenarios-per-domain", type=_positive, default=20, help="held-out scenarios used, from 80")
+    t.add_argument("--seeds", type=_positive, default=1, help="seeds per scenario")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--student", default="smollm2", help="the LM of both sides' non-teacher methods")
+    t.add_argument("--sample", action="store_true", help="sample the selectors' emotions instead of greedy")
+    t.add_argument("--lm-batch", type=int, default=128)
     b = sub.add_parser("bench", help="throughput numbers for this machine")
     b.add_argument("--domains-file", default="domains.yaml")
     b.add_argument("--what", default="collect,iql,generate,sft", help="any of collect,iql,generate,sft,jpo")
@@ -1527,7 +1662,7 @@ def main(argv=None):
     try:
         {"collect": collect, "judge": judge, "summary": summary, "iql": train_iql, "sft": train_sft, "jpo": train_jpo,
          "eval": evaluate, "study-emotions": study_emotions,
-         "study-counterparties": study_counterparties, "study-transfer": study_transfer,
+         "study-counterparties": study_counterparties, "study-transfer": study_transfer, "tournament": tournament,
          "bench": bench}[args.cmd](args)
     except (ng.DomainConfigError, StageError, ValueError, RuntimeError, ng.ApiError) as e:
         print(f"emodistill {args.cmd}: error: {e}", file=sys.stderr)

@@ -21,6 +21,11 @@ Additions the paper does not have (so everything runs offline): `SimTeacher`, a 
 teacher, and `SimCounterparty`, an emotion-sensitive concession model that perceives the
 focal agent's emotion from the *text* through a cue lexicon (it never sees the label).
 
+For the trained-vs-trained tournament every domain can be turned around (`swap_domain`,
+`load_config(side="counterparty")`): the old counterparty becomes the focal side that the
+same pipeline trains, and `MirroredAgent` lets such an agent play the counterparty of the
+original domain by showing it each episode mirrored.
+
 This module imports no learner. Agents that use a learned part receive it as a plain
 callable or model from emodistill.py.
 """
@@ -279,8 +284,59 @@ def _parse_emomas(m, fields, w):
     return m
 
 
-def load_config(path="domains.yaml") -> Config:
-    """Read and validate domains.yaml. Every error names the domain/emotion and the field."""
+SIDES = ("focal", "counterparty")
+_FLIP = {"lower": "higher", "higher": "lower"}
+
+
+def swap_domain(key, d):
+    """The raw definition of domain `d` (a domains.yaml mapping) with the roles swapped, for
+    the trained-vs-trained tournament: the old counterparty becomes the focal agent that is
+    collected, trained and evaluated, and the old focal side becomes the simulated
+    counterparty. Roles, direction, goals, the s0/b0 ranges and the offer/accept sentences
+    trade places. The texts the old side never needed come from the domain's `swap:`
+    section: the new focal side's justifications, and the new counterparty's walk-away and
+    displayed-emotion lines. The concession dynamics (personas, emotion effects, hazards,
+    patience, reservation fraction) are kept as they are: nothing tells us how the other side
+    reacts to emotions, so the simulated collector concedes the way the debtor does."""
+    sw = d.get("swap")
+    if not isinstance(sw, dict):
+        raise DomainConfigError(f"domain '{key}': no 'swap' section, so its roles cannot be swapped "
+                                f"(--side counterparty and the tournament need one; see crad in domains.yaml)")
+    teacher, cp = d.get("teacher") or {}, d.get("counterparty") or {}
+    replies = cp.get("replies") or {}
+    sw_teacher, sw_replies = sw.get("teacher") or {}, sw.get("replies") or {}
+    scenario, prompt = dict(d.get("scenario") or {}), dict(d.get("prompt") or {})
+    scenario["s0"], scenario["b0"] = scenario.get("b0"), scenario.get("s0")
+    prompt["focal_goal"], prompt["counterparty_goal"] = prompt.get("counterparty_goal"), prompt.get("focal_goal")
+    out = {k: v for k, v in d.items() if k != "swap"}
+    out.update(focal_role=d.get("counterparty_role"), counterparty_role=d.get("focal_role"),
+               focal_prefers=_FLIP.get(d.get("focal_prefers"), d.get("focal_prefers")), scenario=scenario,
+               prompt=prompt,
+               teacher={"offers": replies.get("offer"), "accept": replies.get("accept"),
+                        "justifications": sw_teacher.get("justifications")},
+               counterparty=dict(cp, replies={"offer": teacher.get("offers"), "accept": teacher.get("accept"),
+                                              "walk_away": sw_replies.get("walk_away"),
+                                              "displayed": sw_replies.get("displayed")}))
+    if isinstance(d.get("emomas"), dict):
+        m = {k: v for k, v in d["emomas"].items() if k not in ("s0", "b0")}
+        m.update({new: d["emomas"][old] for new, old in (("s0", "b0"), ("b0", "s0")) if old in d["emomas"]})
+        out["emomas"] = m
+    return out
+
+
+def _parse_swapped(key, d):
+    try:
+        return _parse_domain(key, swap_domain(key, d))
+    except DomainConfigError as e:
+        raise DomainConfigError(f"{e} (in the role-swapped domain built with its 'swap' section)") from None
+
+
+def load_config(path="domains.yaml", side="focal") -> Config:
+    """Read and validate domains.yaml. Every error names the domain/emotion and the field.
+    side="counterparty": every domain with its roles swapped (swap_domain); a domain's `swap`
+    section is validated either way, so a mistake in it shows up before a tournament needs it."""
+    if side not in SIDES:
+        raise DomainConfigError(f"side must be one of {SIDES}, got '{side}'")
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
@@ -307,8 +363,11 @@ def load_config(path="domains.yaml") -> Config:
     if not doms:
         raise DomainConfigError(f"{path}: 'domains' is empty")
     defaults = raw.get("defaults") or {}
+    parsed = {k: _parse_domain(k, v) for k, v in doms.items()}
+    swapped = {k: _parse_swapped(k, v) for k, v in doms.items()
+               if side == "counterparty" or (isinstance(v, dict) and "swap" in v)}
     return Config(emotions={n: emos[n] for n in EMOTIONS},
-                  domains={k: _parse_domain(k, v) for k, v in doms.items()},
+                  domains=swapped if side == "counterparty" else parsed,
                   max_turns=int(defaults.get("max_turns", 30)),
                   tolerance=float(defaults.get("tolerance", 0.02)), path=str(path))
 
@@ -788,6 +847,8 @@ class Reply:
     text: str
     accept: bool = False
     walk_away: bool = False
+    emotion: str | None = None     # the emotion a counterparty-side agent was asked to express (tournament)
+    free_text: bool = False        # written by a model (LM, API): its offer is read from the words, see _apply
 
 
 @dataclass
@@ -1111,7 +1172,43 @@ class LMAgent:
         prompts = self.prompts(eps, emotions)
         raw = self.generate_cached(eps, prompts) if self.kv_cache else self.generate(prompts)
         texts = [_clean_reply(t) for t in raw]
-        return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t)) for t in texts]
+        return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t), free_text=True) for t in texts]
+
+
+class MirroredAgent:
+    """A focal-side agent (and its emotion policy) playing the counterparty: the
+    trained-vs-trained tournament. Every episode is shown to it mirrored: the role-swapped
+    domain of `swapped_cfg` (swap_domain), s0 and b0 exchanged, every turn's speaker flipped,
+    the two standing offers exchanged. To the agent and to its selector this is a focal turn
+    of the swapped domain, which is what it was trained on. The mirror, and with it the
+    agent's private memory (an LM's key/value cache, the SimTeacher's plan), lives in
+    ep.private["mirror"]; the emotion it chose is returned on the Reply and recorded on the
+    counterparty turn."""
+
+    def __init__(self, agent, swapped_cfg: Config, choose_emotion=None):
+        self.agent, self.cfg, self.choose = agent, swapped_cfg, choose_emotion
+
+    def mirror(self, ep):
+        m = ep.private.get("mirror")
+        if m is None:
+            if ep.dom.key not in self.cfg.domains:
+                raise DomainConfigError(f"domain '{ep.dom.key}' has no role-swapped version in the counterparty's config")
+            sc = ep.sc
+            msc = Scenario(sc.domain, sc.id, sc.b0, sc.s0, sc.reservation, sc.patience, sc.persona, sc.context)
+            m = ep.private["mirror"] = new_episode(self.cfg.domains[ep.dom.key], msc, ep.seed,
+                                                   run_seed=f"mirror-{int(ep.rng_cp.integers(2 ** 31))}")
+        flip = {"focal": "counterparty", "counterparty": "focal"}
+        m.turns = [dict(t, speaker=flip[t["speaker"]]) for t in ep.turns]
+        m.offers = {"focal": ep.offers["counterparty"], "counterparty": ep.offers["focal"]}
+        return m
+
+    def act(self, eps, emotions=None):
+        ms = [self.mirror(ep) for ep in eps]
+        emos = self.choose(ms) if self.choose else [None] * len(ms)
+        replies = self.agent.act(ms, emos)
+        for r, e in zip(replies, emos):
+            r.emotion = e
+        return replies
 
 
 class ApiError(RuntimeError):
@@ -1177,7 +1274,7 @@ class ApiAgent:
         emotions = emotions or [None] * len(eps)
         msgs = [build_messages(self.cfg, ep, self.role, emo, self.emotion_free) for ep, emo in zip(eps, emotions)]
         texts = [_clean_reply(t) for t in self.chat_many(msgs)]
-        return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t)) for t in texts]
+        return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t), free_text=True) for t in texts]
 
 
 # ----------------------------------------------------------------------------------------
@@ -1212,9 +1309,17 @@ def _apply(ep, speaker, reply, cfg, perceiver, emotion=None):
     lo, hi = offer_bounds(ep.sc)
     offer = parsed if parsed is not None and lo <= parsed <= hi else None
     turn = {"speaker": speaker, "text": reply.text}
+    if reply.free_text and not reply.accept and offer is not None and offer == ep.offers[other]:
+        # a model's message whose only (or last) number is the other side's standing offer,
+        # without accepting it ("22 days is a long way"), restates that offer: it is not read as
+        # this side's offer, which would converge on the spot. Simulated agents' offers are
+        # known from their templates, so this is applied to model-written text only.
+        offer, turn["echo"] = None, True
     if speaker == "focal":
         turn["emotion"] = emotion
         turn["perceived"] = perceiver(reply.text)
+    elif reply.emotion is not None:      # a trained agent on the counterparty side (MirroredAgent)
+        turn["emotion"] = reply.emotion
     turn["offer"] = offer
     turn["accept"] = bool(reply.accept)
     turn["walk_away"] = bool(reply.walk_away)
@@ -1246,8 +1351,8 @@ def run_episodes(cfg: Config, eps, focal, counterparty, choose_emotion=None, per
     while True:
         live = []
         for ep in eps:
-            if ep.done:  # free the LM agents' key/value caches of finished episodes
-                for k in [k for k in ep.private if k.startswith("kv:")]:
+            if ep.done:  # free the LM agents' key/value caches (and mirrors) of finished episodes
+                for k in [k for k in ep.private if k.startswith("kv:") or k == "mirror"]:
                     del ep.private[k]
             else:
                 live.append(ep)

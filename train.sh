@@ -12,11 +12,11 @@ cd "$(dirname "$0")"
 PROFILE=${PROFILE:-quick}
 if [ "$PROFILE" = "paper" ]; then
   D_SEEDS=50; D_STEPS=20000; D_SFT_MAX=0; D_SFT_EPOCHS=2; D_JPO_SCEN=80; D_JPO_GROUP=8; D_JPO_EPOCHS=2
-  D_EVAL_SEEDS=5; D_RUN=runs/paper; D_STUDIES=emotions,transfer,counterparties
+  D_EVAL_SEEDS=5; D_RUN=runs/paper; D_STUDIES=emotions,transfer,counterparties,tournament; D_TOURNEY_SCEN=20
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,random,best-fixed,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free
 elif [ "$PROFILE" = "quick" ]; then
   D_SEEDS=50; D_STEPS=10000; D_SFT_MAX=48; D_SFT_EPOCHS=3; D_JPO_SCEN=2; D_JPO_GROUP=4; D_JPO_EPOCHS=1
-  D_EVAL_SEEDS=1; D_RUN=runs/default; D_STUDIES=
+  D_EVAL_SEEDS=1; D_RUN=runs/default; D_STUDIES=; D_TOURNEY_SCEN=5
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,iql,iql+sft,emodistill,jpo-emotion-free
 else
   echo "PROFILE must be quick or paper, got '$PROFILE'" >&2; exit 2
@@ -33,9 +33,10 @@ EVAL_SEEDS=${EVAL_SEEDS:-$D_EVAL_SEEDS}   # seeds per held-out scenario (20 scen
 EVAL_BATCH=${EVAL_BATCH:-128}           # LM episodes decoded together in eval (80 held-out episodes fit in one)
 METHODS=${METHODS:-$D_METHODS}            # eval methods (quick leaves out the slow LM rows random,
                                           # best-fixed and sft-emotion-free; their teacher-* rows stay)
-STUDIES=${STUDIES:-$D_STUDIES}            # optional studies after eval: emotions,transfer,counterparties
+STUDIES=${STUDIES:-$D_STUDIES}            # optional studies after eval: emotions,transfer,counterparties,tournament
                                           # (off in quick: they do not fit its time; emotions+transfer
                                           # are simulator-only, a few minutes on 2 cores)
+TOURNEY_SCEN=${TOURNEY_SCEN:-$D_TOURNEY_SCEN}  # held-out scenarios per domain in each tournament game
 FORCE_FLAG=""; [ "${FORCE:-0}" = "1" ] && FORCE_FLAG="--force"
 PY=${PYTHON:-python3}
 start=$(date +%s); last=$start; TIMES=""
@@ -97,5 +98,20 @@ case ",$STUDIES," in *,transfer,*)
 case ",$STUDIES," in *,counterparties,*)
   $PY emodistill.py study-counterparties --out "$RUN" --methods "$METHODS" --seeds "$EVAL_SEEDS" \
     --lm-batch "$EVAL_BATCH" $FORCE_FLAG; stamp study-counterparties;; esac
+#    tournament: the same pipeline with the roles swapped (--side counterparty: the debtor, the
+#    survivor, the patient and the student are the trained side) in $RUN/cp, then every focal
+#    method of vanilla,iql,emodistill against every counterparty method, TOURNEY_SCEN held-out
+#    scenarios per domain. Costs a collect/judge/iql/sft/jpo like the above plus 9 LM-vs-LM games.
+case ",$STUDIES," in *,tournament,*)
+  CP=(--out "$RUN/cp" --side counterparty $FORCE_FLAG)
+  $PY emodistill.py collect "${CP[@]}" --seeds-per-scenario "$SEEDS"
+  $PY emodistill.py judge "${CP[@]}"
+  $PY emodistill.py iql "${CP[@]}" --steps "$STEPS"
+  $PY emodistill.py sft "${CP[@]}" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS"
+  $PY emodistill.py jpo "${CP[@]}" --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" --epochs "$JPO_EPOCHS"
+  stamp tournament-training
+  $PY emodistill.py tournament --out "$RUN" --cp-run "$RUN/cp" --methods vanilla,iql,emodistill \
+    --cp-methods vanilla,iql,emodistill --scenarios-per-domain "$TOURNEY_SCEN" --seeds "$EVAL_SEEDS" \
+    --lm-batch "$EVAL_BATCH" $FORCE_FLAG; stamp tournament;; esac
 
 echo "[train.sh] stage wall times: ${TIMES%, }; total $(( $(date +%s) - start ))s"

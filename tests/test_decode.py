@@ -126,3 +126,42 @@ def test_rows_that_end_early_are_dropped_and_keep_exact_caches(model, tiny_lm):
     second = [p + g + [5, 6] for p, g in zip(prompts, got)]
     want, _ = decode.KVDecoder(model, ends, max_new_tokens=10, temperature=0).generate(second)
     assert dec.generate(second, caches)[0] == want
+
+
+def test_prefill_chunks_are_the_cheapest_split():
+    import itertools
+    for lengths in ([1], [5, 5, 5], [3, 4, 60, 61, 200], [10, 11, 12, 90, 95, 400, 401]):
+        chunks = decode.prefill_chunks(lengths, overhead=20)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        cost = sum((b - a) * lengths[b - 1] + 20 for a, b in chunks)
+        for k in range(len(lengths)):                               # every split with k cuts
+            for cuts in itertools.combinations(range(1, len(lengths)), k):
+                edges = [0, *cuts, len(lengths)]
+                assert cost <= sum((b - a) * lengths[b - 1] + 20 for a, b in zip(edges, edges[1:]))
+    assert decode.prefill_chunks([3, 4, 60, 61, 200], overhead=20) == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_prefill_in_chunks_equals_one_pass(model, tiny_lm):
+    """Rows with very different new-token counts, some with a cache: prefilled in one padded
+    pass or one chunk per row, the greedy tokens and the caches are the same."""
+    tok = tiny_lm[1]
+    first = _prompts(tok, [7, 30, 3, 12], seed=4)
+    base = decode.KVDecoder(model, [tok.eos_token_id], max_new_tokens=5, temperature=0)
+    _, caches = base.generate(first)
+    later = [p + x for p, x in zip(first, _prompts(tok, [2, 40, 9, 1], seed=5))]
+    later = [later[0], later[1], later[2], later[3], _prompts(tok, [25], seed=6)[0]]
+    caches = caches + [None]
+    results = []
+    for overhead in (10 ** 9, 0):
+        dec = decode.KVDecoder(model, [tok.eos_token_id], max_new_tokens=5, temperature=0)
+        dec.prefill_overhead = overhead
+        results.append(dec.generate(later, caches))
+    (t1, c1), (t2, c2) = results
+    assert t1 == t2
+    for a, b in zip(c1, c2):
+        assert a.ids == b.ids
+        torch.testing.assert_close(a.kv, b.kv, atol=1e-5, rtol=1e-5)
+    alone = decode.KVDecoder(model, [tok.eos_token_id], max_new_tokens=5, temperature=0)
+    for p, got in zip(later, t2):                        # and each is what decoding alone gives
+        assert alone.generate([p])[0][0] == got

@@ -151,16 +151,25 @@ def test_shared_emomas_csvs(cfg):
     assert got == {"crad": (100, 0, 0), "disaster": (98, 98, 2), "hospital": (90, 84, 10), "student": (97, 24, 3)}
 
 
-def test_domains_hash_ignores_only_the_emomas_sections(tmp_path):
+def test_domains_hash_ignores_only_the_emomas_and_swap_sections(tmp_path):
     """Stage settings hash domains.yaml without its `emomas:` sections (they only matter with
-    --scenarios-csv, hashed there), so adding the importer's mapping leaves old runs valid."""
+    --scenarios-csv, hashed there) and, on the focal side, without its `swap:` sections, so
+    adding the importer's mapping or the role swap leaves old runs valid."""
     from conftest import DOMAINS_FILE
     text = open(DOMAINS_FILE).read()
-    stripped = emodistill._without_emomas(text)
+    stripped = emodistill._without_sections(text, ("emomas", "swap"))
     assert "emomas:" in text and "emomas:" not in stripped and "Creditor Target Days" not in stripped
+    assert "swap:" in text and "swap:" not in stripped and "talk to my lawyer" in stripped
+    assert "the account goes to formal collection" in text and "the account goes to formal collection" not in stripped
     assert stripped.count("    scenario:") == text.count("    scenario:")
     a, b, c = (tmp_path / n for n in ("a.yaml", "b.yaml", "c.yaml"))
     a.write_text(text)
     b.write_text(stripped)
     c.write_text(stripped.replace("max_turns: 30", "max_turns: 28"))
     assert emodistill._domains_sha(str(a)) == emodistill._domains_sha(str(b)) != emodistill._domains_sha(str(c))
+    # the counterparty side is built from the swap sections, so they count there
+    assert emodistill._domains_sha(str(a), "counterparty") != emodistill._domains_sha(str(a))
+    d = tmp_path / "d.yaml"
+    d.write_text(text.replace("the account goes to formal collection", "the file goes to formal collection"))
+    assert emodistill._domains_sha(str(d)) == emodistill._domains_sha(str(a))
+    assert emodistill._domains_sha(str(d), "counterparty") != emodistill._domains_sha(str(a), "counterparty")

@@ -199,3 +199,16 @@ def test_sft_jpo_eval_stages_on_a_tiny_model(tmp_path, tiny_lm, capsys):
     assert run(["eval", "--out", out, "--student", student, "--methods", "emodistill", "--domains", "crad",
                 "--seeds", "1"]) == 0
     assert "cached" in capsys.readouterr().out
+
+
+def test_bench_training_lines_on_a_tiny_model(tmp_path, tiny_lm, capsys):
+    """`bench --what sft,jpo` prints the frozen, LoRA, LoRA-without-dropout and JPO step times."""
+    model, tok = tiny_lm
+    student = str(tmp_path / "tiny")
+    model.save_pretrained(student)
+    tok.save_pretrained(student)
+    assert emodistill.main(["bench", "--model", student, "--what", "sft,jpo", "--train-batch", "2",
+                            "--train-len", "40", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    for words in ("no LoRA (frozen)", "our LoRA without its input dropout", "JPO optimiser step (batch 2)"):
+        assert words in out

@@ -172,3 +172,29 @@ def test_bootstrap_ci():
     m, lo, hi = ng.bootstrap_ci(np.arange(100) / 100)
     assert lo < m < hi and m == pytest.approx(0.495)
     assert all(x != x for x in ng.bootstrap_ci([]))
+
+
+def test_a_model_restating_the_other_offer_is_not_read_as_its_offer(cfg):
+    """An LM that repeats the counterparty's number while refusing it ("150 days is far too
+    long") must not converge on that number; the same words from a simulated agent (whose
+    offers are known from its templates) and an acceptance still count."""
+    dom = cfg.domains["crad"]
+    sc = ng.make_scenarios(dom)[80]
+    per = ng.Perceiver(cfg.emotions)
+
+    def play(focal_reply):
+        ep = ng.new_episode(dom, sc, 0)
+        ng._apply(ep, "focal", ng.Reply("I need it paid in 20 days."), cfg, per)
+        ng._apply(ep, "counterparty", ng.Reply("I can pay in 150 days."), cfg, per)
+        ng._apply(ep, "focal", focal_reply, cfg, per)
+        return ep
+
+    ep = play(ng.Reply("150 days is far too long for us.", free_text=True))
+    assert ep.turns[-1]["offer"] is None and ep.turns[-1]["echo"] and ep.offers["focal"] == 20 and not ep.done
+    ep = play(ng.Reply("150 days is far too long; I can do 25 days.", free_text=True))
+    assert ep.turns[-1]["offer"] == 25 and "echo" not in ep.turns[-1] and not ep.done
+    ep = play(ng.Reply("150 days is far too long for us."))          # a template: taken as said
+    assert ep.turns[-1]["offer"] == 150 and ep.end == "converged"
+    text = "All right, I accept 150 days."
+    ep = play(ng.Reply(text, accept=ng.detect_accept(text), free_text=True))
+    assert ep.end == "accept" and ep.agreement == 150
