@@ -281,7 +281,7 @@ def collect(args):
                 "counterparty": args.counterparty,
                 "seeds_per_scenario": args.seeds_per_scenario, "scenarios": args.scenarios, "seed": args.seed,
                 "emotions": emotions, "persona": args.persona, "max_turns": cfg.max_turns,
-                "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal"))}
+                "domains_file_sha": _run_domains_sha(args)}
     if csv_shas:                      # (only then, so that runs made before the importer still match)
         settings["scenarios_csv"] = csv_shas
     path = os.path.join(args.out, "corpus.jsonl")
@@ -378,6 +378,11 @@ def _domains_sha(path, side="focal"):
     else:
         text = _without_sections(text, ("emomas", "swap"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _run_domains_sha(args):
+    """The domains hash of the side this run trains (--side)."""
+    return _domains_sha(args.domains_file, getattr(args, "side", "focal"))
 
 
 def _text_sha(text):
@@ -606,7 +611,7 @@ def train_sft(args):
     settings = {"student": args.student, "emotion_free": args.emotion_free, "top_k": args.top_k,
                 "max_examples": args.max_examples, "config": asdict(hp), "selector_sha": _sha(sel_path),
                 "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")),
-                "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal"))}
+                "domains_file_sha": _run_domains_sha(args)}
     ckpt = _start_adapter_stage(args, "sft", name, settings)
     if ckpt is None:
         return folder
@@ -697,7 +702,7 @@ def train_jpo(args):
                 "scenarios_per_domain": args.scenarios_per_domain, "group_size": args.group_size,
                 "sft_sha": _sha(os.path.join(init, "adapter_model.safetensors")),
                 "judged_sha": _sha(os.path.join(args.out, "judged.jsonl")),
-                "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal"))}
+                "domains_file_sha": _run_domains_sha(args)}
     ckpt = _start_adapter_stage(args, "jpo", name, settings)
     if ckpt is None:
         return folder
@@ -809,7 +814,7 @@ def best_fixed_emotions(args, cfg):
     path = os.path.join(args.out, "eval", "best_fixed.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     key = {"seeds": args.select_seeds, "seed": args.seed, "scenario_seed": args.scenario_seed,
-           "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal"))}
+           "domains_file_sha": _run_domains_sha(args)}
     if getattr(args, "scenarios_csv_shas", None):   # best fixed emotion on the imported training scenarios
         key["scenarios_csv"] = args.scenarios_csv_shas
     if os.path.exists(path):
@@ -847,7 +852,7 @@ def evaluate(args):
                     "scenario_seed": args.scenario_seed, "persona": args.persona, "counterparty": args.counterparty,
                     "student": None if m.startswith("teacher-") else args.student, "sample": args.sample,
                     "best_fixed": best if "best-fixed" in m else None,
-                    "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal")),
+                    "domains_file_sha": _run_domains_sha(args),
                     "selector_sha": _sha(iql_path) if _uses_selector(m) and os.path.exists(iql_path) else None,
                     "adapter_sha": _adapter_sha(args.out, m)}
         if csv_shas:
@@ -997,7 +1002,7 @@ def study_emotions(args):
     iql_path = os.path.join(args.out, "iql.pt")
     settings = {"domains": args.domain_list, "seeds": args.seeds, "seed": args.seed, "scenarios": args.scenarios,
                 "persona": args.persona, "scenario_seed": args.scenario_seed,
-                "domains_file_sha": _domains_sha(args.domains_file, getattr(args, "side", "focal")),
+                "domains_file_sha": _run_domains_sha(args),
                 "selector_sha": _sha(iql_path) if os.path.exists(iql_path) else None}
     done = os.path.join(args.out, "studies", "emotions.json")
     if os.path.exists(done) and not args.force and _read_json(done).get("settings") == settings:
