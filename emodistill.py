@@ -865,12 +865,7 @@ def evaluate(args):
                 print(f"[eval] {m}: cached in {path}")
                 continue
             print(f"[eval] {m}: {path} was made with other settings (or another selector); re-running")
-        policy = _policy_for(m, args, cfg, best)
-        if m.startswith("teacher-"):
-            focal = ng.SimTeacher(cfg)
-        else:
-            focal = make_agent(args.student, "focal", cfg, args.seed, args.lm_batch, emotion_free=policy is None,
-                               model_cache=cache, adapter=_adapter_folder(args.out, m))
+        focal, policy = _side_agent(m, args, cfg, args.out, args.seed, cache, best)
         cp = make_agent(args.counterparty, "counterparty", cfg, args.seed + 1, args.lm_batch, model_cache=cache)
         t0 = time.time()
         ids = ng.TEST_IDS if args.split == "test" else ng.TRAIN_IDS
@@ -1100,14 +1095,21 @@ def study_counterparties(args):
     print(f"[study-counterparties] -> {path}")
 
 
-def _side_agent(method, args, cfg, out, role, seed, cache):
-    """The expresser of `method` for one side: the SimTeacher for teacher-*, else the student
-    LM with the method's adapter from run folder `out`."""
+def _side_agent(method, args, cfg, out, seed, cache, best=None):
+    """The focal-role expresser of `method` and its emotion policy (None = emotion-free): the
+    SimTeacher for teacher-*, else the student LM with the method's adapter from run folder
+    `out`, whose iql.pt the policy uses."""
+    policy = _policy_for(method, argparse.Namespace(**{**vars(args), "out": out}), cfg, best or {})
     if method.startswith("teacher-"):
-        return ng.SimTeacher(cfg)
-    policy = _policy_for(method, argparse.Namespace(**{**vars(args), "out": out}), cfg, {})
-    return make_agent(args.student, role, cfg, seed, args.lm_batch, emotion_free=policy is None,
-                      model_cache=cache, adapter=_adapter_folder(out, method))
+        return ng.SimTeacher(cfg), policy
+    return make_agent(args.student, "focal", cfg, seed, args.lm_batch, emotion_free=policy is None,
+                      model_cache=cache, adapter=_adapter_folder(out, method)), policy
+
+
+def _side_settings(method, out):
+    """What a tournament pairing's cache depends on for one side's method."""
+    return {"method": method, "adapter_sha": _adapter_sha(out, method),
+            "selector_sha": _sha(os.path.join(out, "iql.pt")) if _uses_selector(method) else None}
 
 
 def tournament(args):
@@ -1142,21 +1144,17 @@ def tournament(args):
             settings = {"domains": domains, "ids": ids, "seeds": args.seeds, "seed": args.seed, "student": args.student,
                         "domains_file_sha": _domains_sha(args.domains_file),
                         "cp_domains_file_sha": want, "sample": args.sample,
-                        "focal": {"method": fm, "adapter_sha": _adapter_sha(args.out, fm),
-                                  "selector_sha": _sha(os.path.join(args.out, "iql.pt")) if _uses_selector(fm) else None},
-                        "counterparty": {"method": cm, "adapter_sha": _adapter_sha(args.cp_run, cm),
-                                         "selector_sha": _sha(os.path.join(args.cp_run, "iql.pt"))
-                                         if _uses_selector(cm) else None}}
-            if os.path.exists(path) and not args.force and _read_json(path).get("settings") == settings:
-                table[fm, cm] = _read_json(path)["records"]
+                        "focal": _side_settings(fm, args.out), "counterparty": _side_settings(cm, args.cp_run)}
+            cached = _read_json(path) if os.path.exists(path) and not args.force else {}
+            if cached.get("settings") == settings:
+                table[fm, cm] = cached["records"]
                 print(f"[tournament] {fm} vs {cm}: cached in {path}")
                 continue
-            focal = _side_agent(fm, args, cfg, args.out, "focal", args.seed, cache)
-            cp_agent = _side_agent(cm, args, cp_cfg, args.cp_run, "focal", args.seed + 1, cache)
-            cp = ng.MirroredAgent(cp_agent, cp_cfg, _policy_for(cm, argparse.Namespace(**{**vars(args), "out": args.cp_run}),
-                                                                cp_cfg, {}))
+            focal, policy = _side_agent(fm, args, cfg, args.out, args.seed, cache)
+            cp_agent, cp_policy = _side_agent(cm, args, cp_cfg, args.cp_run, args.seed + 1, cache)
+            cp = ng.MirroredAgent(cp_agent, cp_cfg, cp_policy)
             t1 = time.time()
-            recs = _play(cfg, domains, ids, args.seeds, focal, cp, _policy_for(fm, args, cfg, {}), args.seed)
+            recs = _play(cfg, domains, ids, args.seeds, focal, cp, policy, args.seed)
             write_json_atomic(path, {"settings": settings, "seconds": round(time.time() - t1, 1), "records": recs})
             table[fm, cm] = recs
             print(f"[tournament] {fm} vs {cm}: {len(recs)} episodes in {time.time() - t1:.1f}s -> {path}")

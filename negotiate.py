@@ -1194,8 +1194,7 @@ class MirroredAgent:
             if ep.dom.key not in self.cfg.domains:
                 raise DomainConfigError(f"domain '{ep.dom.key}' has no role-swapped version in the counterparty's config")
             sc = ep.sc
-            msc = Scenario(sc.domain, sc.id, sc.b0, sc.s0, sc.reservation, sc.patience, sc.persona, sc.context)
-            m = ep.private["mirror"] = new_episode(self.cfg.domains[ep.dom.key], msc, ep.seed,
+            m = ep.private["mirror"] = new_episode(self.cfg.domains[ep.dom.key], replace(sc, s0=sc.b0, b0=sc.s0), ep.seed,
                                                    run_seed=f"mirror-{int(ep.rng_cp.integers(2 ** 31))}")
         flip = {"focal": "counterparty", "counterparty": "focal"}
         m.turns = [dict(t, speaker=flip[t["speaker"]]) for t in ep.turns]
