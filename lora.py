@@ -243,13 +243,20 @@ def token_logprobs(model, batch):
     tokens in a ~600-token example that saves most of the (S x 49k) logits and their memory."""
     ids, target = batch["input_ids"], batch["labels"][:, 1:]                                      # B,S ; B,S-1
     mask = target != -100
+    am = batch.get("attention_mask")
+    if am is not None and bool((am[:, 1:] <= am[:, :-1]).all()):
+        # right padding only (what `collate` makes): causal attention never looks to the right,
+        # so the pads cannot change a real token and need no mask. Without one, attention takes
+        # its causal fast path: on a 2-core CPU a batch of 8 x 999 tokens trains ~20% faster
+        # and peaks at 12 GB instead of 21 GB (see README, "Speed").
+        am = None
     head = model.get_output_embeddings()
     if head is None or getattr(model.config, "final_logit_softcapping", None) or \
             getattr(model.config, "logits_scaling", None):       # a model that post-processes its logits
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1]   # B,S-1,V
+        logits = model(input_ids=ids, attention_mask=am).logits[:, :-1]                        # B,S-1,V
         picked = logits[mask]                                                                   # N,V
     else:
-        h = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state  # B,S,D
+        h = model.base_model(input_ids=ids, attention_mask=am).last_hidden_state               # B,S,D
         picked = head(h[:, :-1][mask])                                                          # N,V
     lp_picked = torch.gather(F.log_softmax(picked.float(), -1), 1, target[mask][:, None]).squeeze(1)  # N
     lp = torch.zeros(mask.shape, dtype=lp_picked.dtype, device=ids.device).masked_scatter(mask, lp_picked)

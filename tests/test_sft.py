@@ -83,6 +83,29 @@ def test_response_only_logprobs_equal_full_logits(tiny_lm):
     assert torch.equal(mask, tgt != -100)
 
 
+def test_left_padded_batch_keeps_its_mask(tiny_lm):
+    """token_logprobs drops the attention mask only for right padding (pads after the text);
+    with pads on the left the mask must stay, or the real tokens would attend to pads."""
+    model, tok = tiny_lm
+    exs = [lora.encode_example(tok, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "In 30 days."),
+           lora.encode_example(tok, "<|im_start|>user\nA longer prompt here<|im_end|>\n<|im_start|>assistant\n", "No.")]
+    right = lora.collate(exs, tok.pad_token_id)
+    assert right["attention_mask"].min() == 0                     # the batch really is padded
+    left = {k: torch.stack([torch.cat([r[m == 0], r[m == 1]]) for r, m in zip(v, right["attention_mask"])])
+            for k, v in right.items() if k != "attention_mask"}
+    left["attention_mask"] = torch.stack([torch.cat([m[m == 0], m[m == 1]]) for m in right["attention_mask"]])
+    with torch.no_grad():
+        lp_r, mask_r = lora.token_logprobs(model, right)
+        lp_l, mask_l = lora.token_logprobs(model, left)
+        unmasked = dict(left, attention_mask=torch.ones_like(left["attention_mask"]))
+        lp_u, _ = lora.token_logprobs(model, unmasked)
+    # the same tokens get the same log-probs however the row is padded (the short row's
+    # log-probs move with its padding; compare them as per-row sums) ...
+    torch.testing.assert_close((lp_r * mask_r).sum(1), (lp_l * mask_l).sum(1), atol=1e-5, rtol=1e-5)
+    # ... and that is not true without the mask: the left pads would be attended to
+    assert not torch.allclose((lp_u * mask_l).sum(1), (lp_l * mask_l).sum(1), atol=1e-4)
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [lora.lr_at(s, 10, 2, 1.0) for s in range(10)]
     assert lrs[:2] == [0.5, 1.0]
@@ -210,5 +233,6 @@ def test_bench_training_lines_on_a_tiny_model(tmp_path, tiny_lm, capsys):
     assert emodistill.main(["bench", "--model", student, "--what", "sft,jpo", "--train-batch", "2",
                             "--train-len", "40", "--reps", "1"]) == 0
     out = capsys.readouterr().out
-    for words in ("no LoRA (frozen)", "our LoRA without its input dropout", "JPO optimiser step (batch 2)"):
+    for words in ("no LoRA (frozen)", "our LoRA without its input dropout", "JPO optimiser step (batch 2)",
+                  "padded batch (60 of 80 tokens): attention mask passed"):
         assert words in out
