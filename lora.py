@@ -6,7 +6,8 @@ Paper part: the parameter-efficient adapters that SFT and JPO train on the stude
     y = W x + (alpha / r) * B A dropout(x),    A: r x in (Kaiming-uniform),  B: out x r (zeros)
 
 so a fresh adapter changes nothing. `merge()` folds B A into W for inference and `unmerge()`
-takes it out again; both are explicit and never a side effect of `eval()`.
+takes it out again; both are explicit and never a side effect of `eval()`. A and B are float32
+even on a bf16 base (the GPU default): the optimiser's small steps would round away in bf16.
 
 Adapters are saved as `adapter_model.safetensors` + `adapter_config.json` with PEFT's key
 names (`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.from_pretrained` can
@@ -42,9 +43,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=dt)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=dt)
+        # the adapter is float32 whatever the base's dtype: on a bf16 base (the GPU default) an
+        # AdamW step of lr 2e-4 is below bf16's resolution for most of A's entries and is lost
+        dev = base.weight.device
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -70,7 +73,8 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        z = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))   # ..., out (fp32)
+        return y + (z * self.scaling).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):

@@ -57,6 +57,30 @@ def test_merge_equals_unmerged_and_unmerge_restores(model, tiny_lm):
     assert not any(m.merged for m in lora.lora_modules(model).values())
 
 
+def test_adapter_stays_float32_on_a_bf16_base(model, tiny_lm):
+    """The GPU default loads the base in bf16; the adapter must still learn from small steps."""
+    enc = _ids(tiny_lm[1])
+    model = model.to(torch.bfloat16)
+    lora.inject(model, r=4, alpha=8, dropout=0.0)
+    params = lora.trainable_parameters(model)
+    assert all(p.dtype == torch.float32 for p in params)
+    assert all(m.base_layer.weight.dtype == torch.bfloat16 for m in lora.lora_modules(model).values())
+    _randomise(model)
+    A0 = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    for p in params:
+        p.requires_grad_(True)
+    out = model(**enc).logits                                  # runs with a bf16 base and fp32 adapter
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().pow(2).mean().backward()
+    opt.step()
+    # Adam's first step moves every entry with a gradient by ~lr; in bf16 most would round back
+    moved = [(p.detach() != a).float().mean().item() for p, a in zip(params, A0)]
+    assert min(moved) > 0.9, moved
+    lora.merge(model)                                          # folds into the bf16 weight
+    assert all(m.base_layer.weight.dtype == torch.bfloat16 for m in lora.lora_modules(model).values())
+
+
 def test_eval_does_not_merge_and_dropout_only_on_lora_input(model, tiny_lm):
     lora.inject(model, r=4, alpha=8, dropout=0.5)
     model.eval()

@@ -1,0 +1,152 @@
+"""The GPU path (skipped without CUDA; run by .ci/gpu on a lent GPU machine): the automatic
+device and dtype choice, and the hand-written pieces on CUDA in bf16 checked against the same
+model in float32 on the CPU: response log-probabilities, the cached decoder, an SFT run and a
+JPO step."""
+import copy
+import os
+
+import pytest
+import torch
+
+import decode
+import emodistill
+import jpo
+import lora
+import negotiate as ng
+from test_sft import _examples
+
+# EMODISTILL_TEST_DEVICE=cpu runs the same checks on the CPU in bf16 (a dry run of this file)
+DEV = os.environ.get("EMODISTILL_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def pair(tiny_lm):
+    """The tiny model on the CPU in float32 and a copy on the GPU in bf16, with a LoRA adapter
+    whose B is not zero, so the adapter path is in every comparison."""
+    cpu = copy.deepcopy(tiny_lm[0])
+    with torch.no_grad():   # larger embeddings: logits that differ between tokens
+        cpu.get_input_embeddings().weight.mul_(25)
+    torch.manual_seed(0)
+    lora.inject(cpu, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for m in lora.lora_modules(cpu).values():
+            m.lora_B.weight.normal_(0, 0.05)
+    gpu = copy.deepcopy(cpu).to(DEV, torch.bfloat16)
+    for m in lora.lora_modules(gpu).values():   # what LoRALinear makes on a bf16 base
+        m.lora_A.float()
+        m.lora_B.float()
+    return cpu.eval(), gpu.eval(), tiny_lm[1]
+
+
+def _rel(a, b):
+    return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the automatic choice needs a GPU")
+def test_cuda_is_picked_with_bf16(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.delenv("EMODISTILL_DEVICE", raising=False)
+    monkeypatch.delenv("EMODISTILL_DTYPE", raising=False)
+    assert emodistill.pick_device_dtype() == ("cuda", torch.bfloat16)
+    tiny_lm[0].save_pretrained(tmp_path)
+    tiny_lm[1].save_pretrained(tmp_path)
+    model, _ = emodistill.load_lm(str(tmp_path))
+    p = next(model.parameters())
+    assert p.device.type == "cuda" and p.dtype == torch.bfloat16
+    lora.inject(model)
+    assert all(q.dtype == torch.float32 and q.device.type == "cuda" for q in lora.trainable_parameters(model))
+
+
+def test_cuda_bf16_logprobs_match_cpu_float32(pair):
+    cpu, gpu, tok = pair
+    batch = lora.collate(_examples(tok, 6), tok.pad_token_id)
+    with torch.no_grad():
+        ref, mask = lora.token_logprobs(cpu, batch)
+        with lora.autocast_for(gpu):
+            got, gmask = lora.token_logprobs(gpu, {k: v.to(DEV) for k, v in batch.items()})
+    assert torch.equal(gmask.cpu(), mask)
+    err = _rel(got[gmask], ref[mask])
+    assert err < 2e-2, err          # bf16 operands: 1e-3 to 1e-2 expected
+
+
+def test_cuda_decoder_matches_hf_forward_and_generate(pair):
+    cpu, gpu, tok = pair
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (5, 17, 11)]
+    lora.merge(gpu)
+    dec = decode.KVDecoder(gpu, [tok.eos_token_id], max_new_tokens=1, temperature=0)
+    B, S = len(prompts), max(map(len, prompts))
+    ids = torch.zeros(B, S, dtype=torch.long, device=DEV)
+    pos = torch.zeros_like(ids)
+    valid = torch.zeros(B, S, dtype=torch.bool, device=DEV)
+    for b, p in enumerate(prompts):
+        ids[b, S - len(p):] = torch.tensor(p)
+        pos[b, S - len(p):] = torch.arange(len(p))
+        valid[b, S - len(p):] = True
+    K = [torch.zeros(B, dec.n_kv, S, dec.head_dim, device=DEV, dtype=torch.bfloat16) for _ in range(dec.n_layers)]
+    V = [torch.zeros_like(K[0]) for _ in range(dec.n_layers)]
+    with torch.inference_mode():
+        ours = dec._forward(ids, pos, K, V, valid, 0)                                 # B,V
+        for b, p in enumerate(prompts):
+            assert _rel(ours[b], gpu(torch.tensor([p], device=DEV)).logits[0, -1]) < 2e-2
+            assert _rel(ours[b], cpu(torch.tensor([p])).logits[0, -1]) < 3e-2
+    # float32 on the GPU: the greedy tokens are exactly those of model.generate
+    f32 = copy.deepcopy(cpu).to(DEV)
+    lora.merge(f32)
+    dec = decode.KVDecoder(f32, [tok.eos_token_id], max_new_tokens=10, temperature=0)
+    got, _ = dec.generate(prompts)
+    for p, toks in zip(prompts, got):
+        ref = f32.generate(torch.tensor([p], device=DEV), do_sample=False, max_new_tokens=10,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(p):].tolist()
+        if tok.eos_token_id in ref:
+            ref = ref[:ref.index(tok.eos_token_id) + 1]
+        assert toks == ref
+
+
+def test_cuda_lm_agent_plays_episodes(cfg, pair):
+    _, gpu, tok = pair
+    lora.merge(gpu)
+    short = ng.Config(cfg.emotions, cfg.domains, max_turns=6)
+    dom = cfg.domains["crad"]
+    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:4]]
+    agent = ng.LMAgent(gpu, tok, short, max_new_tokens=8, batch_size=4)
+    ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), ng.random_emotion_policy())
+    assert all(ep.done for ep in eps) and agent.generated_tokens > 0
+    assert agent.kv_cache and agent.reused_tokens > 0
+
+
+def test_cuda_sft_lowers_the_loss_and_keeps_the_base(tiny_lm):
+    model, tok = copy.deepcopy(tiny_lm[0]), tiny_lm[1]
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(25)
+    model = model.to(DEV, torch.bfloat16)
+    lora.inject(model, r=4, alpha=8, dropout=0.0)
+    base = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    exs = _examples(tok)
+    cfg = lora.SFTConfig(r=4, alpha=8, lr=1e-2, epochs=8, batch_size=4, heldout_frac=0.0, eval_every=100)
+    before = lora.heldout_loss(model, exs, tok.pad_token_id, cfg)
+    lora.train_sft(model, exs, tok.pad_token_id, cfg, log=lambda *_: None)
+    after = lora.heldout_loss(model, exs, tok.pad_token_id, cfg)
+    assert after < before - 3.0, (before, after)     # the CPU float32 test: 17.7 -> 10.7 nats
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_cuda_jpo_step_moves_likelihood_with_the_advantage(pair, sign):
+    _, gpu, tok = pair
+    batch = {k: v.to(DEV) for k, v in lora.collate(_examples(tok, 1), tok.pad_token_id).items()}
+    with torch.no_grad(), lora.autocast_for(gpu):
+        ref, mask = lora.token_logprobs(gpu, batch)
+        ref = ref.float()
+    before = (ref * mask).sum().item()
+    params = lora.trainable_parameters(gpu)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    row = jpo.jpo_step(gpu, opt, [batch], [ref], [torch.tensor([sign], device=DEV)], jpo.JPOConfig())
+    assert row["ratio"] == pytest.approx(1.0, abs=1e-3)
+    with torch.no_grad(), lora.autocast_for(gpu):
+        after = (lora.token_logprobs(gpu, batch)[0] * mask).sum().item()
+    assert (after - before) * sign > 0, (before, after)
