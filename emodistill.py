@@ -607,7 +607,8 @@ def train_sft(args):
     name = _adapter_name(args)
     folder = os.path.join(args.out, name)
     _need(os.path.join(args.out, "judged.jsonl"), "run judge first")
-    sel_path = _need(os.path.join(args.out, "iql.pt"), "sft ranks turns with the IQL value net: run iql first")
+    sel_path = _need(args.selector or os.path.join(args.out, "iql.pt"),
+                     "sft ranks turns with the IQL value net: run iql first")
     hp = lora.SFTConfig(r=args.r, alpha=args.alpha, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, seed=args.seed)
     from dataclasses import asdict
@@ -1195,7 +1196,8 @@ def study_transfer(args):
     that domain's part of the judged corpus only, then played (SimTeacher as expresser, sim
     counterparty) on the held-out scenarios of every domain. On a foreign domain the selector
     is shown the scenario as if it were its own domain (its one-hot domain feature); the
-    other features are direction-normalised and mean the same everywhere."""
+    other features are direction-normalised and mean the same everywhere. With --adapters,
+    the student's side too (_transfer_adapters)."""
     import iql
     cfg = _config(args)
     domains = ng.pick_domains(cfg, args.domains)
@@ -1241,18 +1243,77 @@ def study_transfer(args):
     lines = [f"## Study: cross-domain transfer of the emotion selector (held-out scenarios 80-99 x {args.seeds} "
              "seeds, SimTeacher vs SimCounterparty)", "",
              f"Command: `python emodistill.py study-transfer --out {args.out} --steps {args.steps} --seeds "
-             f"{args.seeds}`. Rows: the corpus the selector was trained on ({args.steps} IQL steps on one domain's "
+             f"{args.seeds}" + (f" --adapters --student {args.student} --lm-scenarios {args.lm_scenarios} --lm-seeds "
+                                f"{args.lm_seeds} --sft-max-examples {args.sft_max_examples} --sft-epochs "
+                                f"{args.sft_epochs:g}" if args.adapters else "")
+             + f"`. Rows: the corpus the selector was trained on ({args.steps} IQL steps on one domain's "
              "transitions); columns: the domain it is tested on; mean utility [95% bootstrap CI]. The diagonal "
-             "is in-domain.", "",
-             "| trained on \\ tested on | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+             "is in-domain.", "", *_transfer_table(domains, rows, util)]
+    lm_util = _transfer_adapters(args, cfg, domains, models, lines) if args.adapters else None
+    path = _study_section(args.out, "transfer", lines)
+    write_json_atomic(os.path.join(folder, "transfer.json"), {"utility": util, "seeds": args.seeds, "steps": args.steps,
+                                                              "lm_utility": lm_util})
+    print("\n".join(lines))
+    print(f"[study-transfer] {time.time() - t0:.1f}s -> {path}")
+
+
+def _transfer_adapters(args, cfg, domains, models, lines):
+    """The student's side of transfer: per domain an SFT adapter trained on that domain's top
+    turns (ranked by that domain's selector), then selector + adapter (the iql+sft method) played
+    by the student on the first --lm-scenarios held-out scenarios of every domain. Each adapter
+    and each row is cached under transfer/; appends a table to `lines`, returns the utilities."""
+    import iql
+    folder = os.path.join(args.out, "transfer")
+    ids = list(ng.TEST_IDS)[:args.lm_scenarios]
+    cp = ng.SimCounterparty(cfg)
+    util, rows = {}, [(f"{src} only", src) for src in domains]
+    if os.path.exists(os.path.join(args.out, "sft", "adapter_model.safetensors")) and "all" in models:
+        rows.append(("all domains (iql.pt + sft/)", "all"))
+    for name, src in rows:
+        selector = os.path.join(args.out, "iql.pt") if src == "all" else os.path.join(folder, f"iql-{src}.pt")
+        if src == "all":
+            adapter, policy = os.path.join(args.out, "sft"), iql.Selector(*models["all"])
+        else:
+            sft_args = build_parser().parse_args(
+                ["sft", "--out", args.out, "--domains-file", args.domains_file, "--side", args.side, "--student", args.student,
+                 "--name", f"transfer/sft-{src}", "--selector", selector,
+                 "--max-examples", str(args.sft_max_examples), "--epochs", str(args.sft_epochs),
+                 "--batch-size", "2", "--grad-accum", "4", "--seed", str(args.seed)]
+                + (["--force"] if args.force else []) + (["--on-bad-line", args.on_bad_line]))
+            adapter = train_sft(sft_args)
+            if adapter is None:
+                raise StageError(f"the SFT adapter for {src} did not finish")
+            policy = iql.Selector(*models[src], as_domain=src)
+        cache = os.path.join(folder, f"lm-{src}.json")
+        settings = {"adapter_sha": _sha(os.path.join(adapter, "adapter_model.safetensors")),
+                    "selector_sha": _sha(selector), "student": args.student,
+                    "scenarios": ids, "seeds": args.lm_seeds, "seed": args.seed, "domains": domains}
+        got = _read_json(cache) if os.path.exists(cache) and not args.force else None
+        if got is None or got.get("settings") != settings:
+            agent = make_agent(args.student, "focal", cfg, seed=args.seed, batch_size=args.lm_batch, adapter=adapter)
+            print(f"[study-transfer] {name}: student + adapter {adapter} on {len(ids)} held-out scenarios "
+                  f"x {args.lm_seeds} seeds of {len(domains)} domains")
+            recs = _play(cfg, domains, set(ids), args.lm_seeds, agent, cp, policy, args.seed)
+            got = {"settings": settings, "utility": {d: ng.summarize([r for r in recs if r["domain"] == d])["utility"]
+                                                     for d in domains}}
+            print(f"       {lm_cost(agent)}")
+            write_json_atomic(cache, got)
+        util[name] = {d: tuple(got["utility"][d]) for d in domains}
+    lines += [f"Student ({args.student}) with an SFT adapter per domain (top 10% of that domain's turns by its "
+              f"selector's advantage, sampled down to {args.sft_max_examples}, {args.sft_epochs:g} epochs) and "
+              f"that domain's selector: the iql+sft method, played on held-out scenarios "
+              f"{ids[0]}-{ids[-1]} x {args.lm_seeds} seed(s) of each domain; mean utility [95% bootstrap CI]. "
+              "The diagonal is in-domain.", "", *_transfer_table(domains, rows, util)]
+    return util
+
+
+def _transfer_table(domains, rows, util):
+    """Markdown lines of a trained-on x tested-on utility table, the in-domain cells in bold."""
+    lines = ["| trained on \\ tested on | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
     for name, _ in rows:
         cells = [("**" + _fmt(util[name][d]) + "**") if name == f"{d} only" else _fmt(util[name][d]) for d in domains]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    path = _study_section(args.out, "transfer", lines)
-    write_json_atomic(os.path.join(folder, "transfer.json"), {"utility": util, "seeds": args.seeds, "steps": args.steps})
-    print("\n".join(lines))
-    print(f"[study-transfer] {time.time() - t0:.1f}s -> {path}")
+    return lines + [""]
 
 
 def _spearman(a, b):
@@ -1594,6 +1655,8 @@ def build_parser():
     f.add_argument("--emotion-free", action="store_true",
                    help="train without the emotion block in the prompt (the ablation; adapter 'sft-emotion-free')")
     f.add_argument("--name", default=None, help="adapter folder under the run (default sft / sft-emotion-free)")
+    f.add_argument("--selector", default=None,
+                   help="the IQL checkpoint that ranks the turns (default RUN/iql.pt); only its domains are used")
     f.add_argument("--top-k", type=float, default=10.0, help="percent of focal turns kept, by IQL advantage")
     f.add_argument("--max-examples", type=int, default=64,
                    help="cap on examples (a seeded sample of the top-K%%, equal per domain); 0 = no cap")
@@ -1662,6 +1725,15 @@ def build_parser():
     st.add_argument("--steps", type=int, default=5000, help="IQL steps per single-domain selector")
     st.add_argument("--seeds", type=int, default=5, help="seeds per held-out scenario")
     st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--adapters", action="store_true",
+                    help="also train an SFT adapter per domain and play selector + adapter with the student")
+    st.add_argument("--student", default="smollm2", help="the LM for --adapters")
+    st.add_argument("--lm-scenarios", type=_positive, default=5,
+                    help="held-out scenarios per domain in each --adapters cell (from 20; LM play costs minutes)")
+    st.add_argument("--lm-seeds", type=_positive, default=1, help="seeds per scenario in each --adapters cell")
+    st.add_argument("--sft-max-examples", type=_positive, default=16, help="SFT examples per domain adapter")
+    st.add_argument("--sft-epochs", type=float, default=2.0)
+    st.add_argument("--lm-batch", type=int, default=128)
     st.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
     t = common(sub.add_parser("tournament", help="trained focal methods vs trained counterparty-side methods"))
     t.add_argument("--cp-run", required=True, help="run folder of the counterparty side (made with --side counterparty)")

@@ -14,11 +14,12 @@ if [ "$PROFILE" = "paper" ]; then
   D_SEEDS=50; D_STEPS=20000; D_SFT_MAX=0; D_SFT_EPOCHS=2; D_JPO_SCEN=80; D_JPO_GROUP=8; D_JPO_EPOCHS=2
   D_MICRO=8; D_ACCUM=1; D_JOBS=1
   D_EVAL_SEEDS=5; D_RUN=runs/paper; D_STUDIES=emotions,transfer,counterparties,tournament; D_TOURNEY_SCEN=20
+  D_TRANSFER_LM=1
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,random,best-fixed,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free
 elif [ "$PROFILE" = "quick" ]; then
   D_SEEDS=50; D_STEPS=6000; D_SFT_MAX=32; D_SFT_EPOCHS=3; D_JPO_SCEN=1; D_JPO_GROUP=4; D_JPO_EPOCHS=1
   D_MICRO=2; D_ACCUM=4; D_JOBS=auto
-  D_EVAL_SEEDS=1; D_RUN=runs/default; D_STUDIES=; D_TOURNEY_SCEN=5
+  D_EVAL_SEEDS=1; D_RUN=runs/default; D_STUDIES=; D_TOURNEY_SCEN=5; D_TRANSFER_LM=0
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,iql,iql+sft,emodistill,jpo-emotion-free
 else
   echo "PROFILE must be quick or paper, got '$PROFILE'" >&2; exit 2
@@ -44,6 +45,8 @@ STUDIES=${STUDIES:-$D_STUDIES}            # optional studies after eval: emotion
                                           # (off in quick: they do not fit its time; emotions+transfer
                                           # are simulator-only, a few minutes on 2 cores)
 TOURNEY_SCEN=${TOURNEY_SCEN:-$D_TOURNEY_SCEN}  # held-out scenarios per domain in each tournament game
+TRANSFER_LM=${TRANSFER_LM:-$D_TRANSFER_LM}     # 1: the transfer study also trains an SFT adapter per domain
+                                          # and plays the student with it on every domain (LM rows)
 FORCE_FLAG=""; [ "${FORCE:-0}" = "1" ] && FORCE_FLAG="--force"
 PY=${PYTHON:-python3}
 start=$(date +%s)
@@ -159,12 +162,16 @@ stage report $PY emodistill.py eval "${EVAL[@]}" --methods "$METHODS"
 
 # 8. optional studies, each adding its section to $RUN/results.md:
 #    emotions: each of the 28 emotions held fixed for whole episodes, training scenarios (sim, ~2 min);
-#    transfer: one IQL selector per domain tested on every domain (sim, ~1 min per domain);
+#    transfer: one IQL selector per domain tested on every domain (sim, ~1 min per domain); with
+#      TRANSFER_LM=1 also an SFT adapter per domain and the student with selector + adapter on
+#      10 held-out scenarios of every domain (~28 min more on 2 CPU cores);
 #    counterparties: every eval method against each domain's held-out persona (LM rows: minutes each).
 case ",$STUDIES," in *,emotions,*)
   stage study-emotions $PY emodistill.py study-emotions --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG;; esac
 case ",$STUDIES," in *,transfer,*)
-  stage study-transfer $PY emodistill.py study-transfer --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG;; esac
+  LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios 10 --lm-batch "$EVAL_BATCH")
+  stage study-transfer $PY emodistill.py study-transfer --out "$RUN" --steps "$STEPS" --seeds "$EVAL_SEEDS" \
+    "${LM_FLAGS[@]}" $FORCE_FLAG;; esac
 case ",$STUDIES," in *,counterparties,*)
   stage study-counterparties $PY emodistill.py study-counterparties --out "$RUN" --methods "$METHODS" \
     --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" $FORCE_FLAG;; esac

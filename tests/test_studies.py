@@ -46,6 +46,7 @@ def test_study_transfer_table(tmp_path):
     md = open(os.path.join(out, "studies", "transfer.md")).read()
     rows = {ln.split(" | ")[0][2:]: ln for ln in md.splitlines() if ln.startswith("| ") and "[" in ln}
     assert set(rows) == {"crad only", "student only", "random emotion (floor)"}
+    assert "--steps 30 --seeds 1`. Rows: the corpus the selector was trained on (30 IQL steps" in md
     assert rows["crad only"].split(" | ")[1].startswith("**") and rows["student only"].split(" | ")[2].startswith("**")
     mtime = os.path.getmtime(os.path.join(out, "transfer", "iql-crad.pt"))
     assert emodistill.main(argv) == 0
@@ -53,3 +54,42 @@ def test_study_transfer_table(tmp_path):
     with open(os.path.join(out, "transfer", "transfer.json")) as f:
         util = json.load(f)["utility"]
     assert all(0 <= util[r][d][0] <= 1 for r in util for d in ("crad", "student"))
+
+
+def test_study_transfer_with_adapters_on_a_tiny_student(tmp_path, tiny_lm, capsys):
+    """--adapters: an SFT adapter per domain trained only on that domain's turns, then the
+    student with each adapter and its domain's selector on every domain; the main run's sft/
+    adds a row; a re-run reuses adapters and rows."""
+    model, tok = tiny_lm
+    student = str(tmp_path / "tiny")
+    model.save_pretrained(student)
+    tok.save_pretrained(student)
+    out = str(tmp_path / "run")
+    assert emodistill.main(["collect", "--out", out, "--domains", "crad,student", "--scenarios", "0-9",
+                            "--seeds-per-scenario", "2"]) == 0
+    assert emodistill.main(["judge", "--out", out]) == 0
+    assert emodistill.main(["iql", "--out", out, "--steps", "30"]) == 0
+    assert emodistill.main(["sft", "--out", out, "--student", student, "--max-examples", "4", "--epochs", "1",
+                            "--batch-size", "2"]) == 0
+    argv = ["study-transfer", "--out", out, "--domains", "crad,student", "--steps", "30", "--seeds", "1",
+            "--adapters", "--student", student, "--lm-scenarios", "2", "--sft-max-examples", "4", "--sft-epochs", "1"]
+    assert emodistill.main(argv) == 0
+    for src in ("crad", "student"):
+        with open(os.path.join(out, "transfer", f"sft-{src}_data.jsonl")) as f:
+            assert {json.loads(ln)["domain"] for ln in f} == {src}     # only that domain's turns
+    md = open(os.path.join(out, "studies", "transfer.md")).read()
+    assert "--seeds 1 --adapters --student " in md and "--lm-scenarios 2 --lm-seeds 1 --sft-max-examples 4" in md
+    lm_part = md[md.index("Student ("):]
+    rows = {ln.split(" | ")[0][2:]: ln for ln in lm_part.splitlines() if ln.startswith("| ") and "[" in ln}
+    assert set(rows) == {"crad only", "student only", "all domains (iql.pt + sft/)"}
+    assert rows["crad only"].split(" | ")[1].startswith("**") and rows["student only"].split(" | ")[2].startswith("**")
+    with open(os.path.join(out, "transfer", "transfer.json")) as f:
+        lm = json.load(f)["lm_utility"]
+    assert set(lm) == set(rows) and all(0 <= lm[r][d][0] <= 1 for r in lm for d in ("crad", "student"))
+    with open(os.path.join(out, "transfer", "lm-crad.json")) as f:
+        assert json.load(f)["settings"]["scenarios"] == [80, 81]
+    mtime = os.path.getmtime(os.path.join(out, "transfer", "sft-crad", "adapter_model.safetensors"))
+    capsys.readouterr()
+    assert emodistill.main(argv) == 0
+    assert os.path.getmtime(os.path.join(out, "transfer", "sft-crad", "adapter_model.safetensors")) == mtime
+    assert "student + adapter" not in capsys.readouterr().out               # rows cached too

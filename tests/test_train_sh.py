@@ -54,6 +54,14 @@ def test_two_lanes_make_every_method_and_a_rerun_skips(tmp_path, tiny_student):
         assert f"[eval] {m}: cached in" in log, m
     assert "is complete; skipping" in log                 # the adapters are not retrained
 
+    # the transfer study with the student's adapters, on the finished run
+    study = _train(run, tiny_student, STUDIES="transfer", TRANSFER_LM="1")
+    assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
+    report = (run / "results.md").read_text()
+    assert "<!-- study:transfer -->" in report and "--adapters --student" in report
+    assert "| all domains (iql.pt + sft/) |" in report[report.index("Student ("):]
+    assert "[train.sh] study-transfer done in " in study.stdout
+
 
 def test_a_failing_lane_stops_the_run_with_its_log(tmp_path, tiny_student):
     # lane a fails in its first stage; lane b (nothing to evaluate first) must not wait forever
