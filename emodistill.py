@@ -244,13 +244,19 @@ def _prepare_out(out, meta_name, settings, force):
     if not os.access(out, os.W_OK):
         raise StageError(f"run folder {out} is not writable")
     meta = os.path.join(out, meta_name)
-    if os.path.exists(meta) and not force:
-        with open(meta) as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            raise StageError(f"{meta} was written with other settings {diff}; use another --out or --force")
+    diff = None if force else _settings_diff(meta, settings)
+    if diff:
+        raise StageError(f"{meta} was written with other settings {diff}; use another --out or --force")
     write_json_atomic(meta, settings)
+
+
+def _settings_diff(meta, settings):
+    """{key: (old, new)} where the settings file `meta` differs from `settings` ({} if absent)."""
+    if not os.path.exists(meta):
+        return {}
+    with open(meta) as f:
+        old = json.load(f)
+    return {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
 
 
 # ----------------------------------------------------------------------------------------
@@ -532,12 +538,15 @@ def _start_adapter_stage(args, stage, name, settings):
     """Shared start of the sft and jpo stages: refuse other settings, skip a finished adapter
     (returns None), and drop a stale checkpoint on --force. Returns the checkpoint path."""
     folder = os.path.join(args.out, name)
-    _prepare_out(args.out, f"{name}.json", settings, args.force)
-    if os.path.exists(os.path.join(folder, "adapter_config.json")) and not args.force:
+    # redo_stale (set by study-transfer for the adapters it owns): other inputs mean retrain, not refuse
+    force = args.force or (getattr(args, "redo_stale", False) and
+                           bool(_settings_diff(os.path.join(args.out, f"{name}.json"), settings)))
+    _prepare_out(args.out, f"{name}.json", settings, force)
+    if os.path.exists(os.path.join(folder, "adapter_config.json")) and not force:
         print(f"[{stage}] {folder} is complete; skipping (use --force to redo)")
         return None
     ckpt = os.path.join(args.out, f"{name}.state.pt")
-    if args.force and os.path.exists(ckpt):
+    if force and os.path.exists(ckpt):
         os.remove(ckpt)
     return ckpt
 
@@ -1280,14 +1289,16 @@ def _transfer_adapters(args, cfg, domains, models, lines):
                  "--max-examples", str(args.sft_max_examples), "--epochs", str(args.sft_epochs),
                  "--batch-size", "2", "--grad-accum", "4", "--seed", str(args.seed)]
                 + (["--force"] if args.force else []) + (["--on-bad-line", args.on_bad_line]))
+            sft_args.redo_stale = True          # new selector (other --steps, --seed) or data: retrain
             adapter = train_sft(sft_args)
             if adapter is None:
                 raise StageError(f"the SFT adapter for {src} did not finish")
             policy = iql.Selector(*models[src], as_domain=src)
         cache = os.path.join(folder, f"lm-{src}.json")
         settings = {"adapter_sha": _sha(os.path.join(adapter, "adapter_model.safetensors")),
-                    "selector_sha": _sha(selector), "student": args.student,
-                    "scenarios": ids, "seeds": args.lm_seeds, "seed": args.seed, "domains": domains}
+                    "selector_sha": _sha(selector), "student": args.student, "lm_batch": args.lm_batch,
+                    "scenarios": ids, "seeds": args.lm_seeds, "seed": args.seed, "domains": domains,
+                    "domains_file_sha": _run_domains_sha(args)}
         got = _read_json(cache) if os.path.exists(cache) and not args.force else None
         if got is None or got.get("settings") != settings:
             agent = make_agent(args.student, "focal", cfg, seed=args.seed, batch_size=args.lm_batch, adapter=adapter)

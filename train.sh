@@ -164,14 +164,14 @@ stage report $PY emodistill.py eval "${EVAL[@]}" --methods "$METHODS"
 #    emotions: each of the 28 emotions held fixed for whole episodes, training scenarios (sim, ~2 min);
 #    transfer: one IQL selector per domain tested on every domain (sim, ~1 min per domain); with
 #      TRANSFER_LM=1 also an SFT adapter per domain and the student with selector + adapter on
-#      10 held-out scenarios of every domain (~28 min more on 2 CPU cores);
+#      10 held-out scenarios of every domain (~28 min more on 2 CPU cores at STEPS=6000);
 #    counterparties: every eval method against each domain's held-out persona (LM rows: minutes each).
 case ",$STUDIES," in *,emotions,*)
   stage study-emotions $PY emodistill.py study-emotions --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG;; esac
 case ",$STUDIES," in *,transfer,*)
   LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios 10 --lm-batch "$EVAL_BATCH")
   stage study-transfer $PY emodistill.py study-transfer --out "$RUN" --steps "$STEPS" --seeds "$EVAL_SEEDS" \
-    "${LM_FLAGS[@]}" $FORCE_FLAG;; esac
+    ${LM_FLAGS[@]+"${LM_FLAGS[@]}"} $FORCE_FLAG;; esac     # (an empty array under set -u, old bash too)
 case ",$STUDIES," in *,counterparties,*)
   stage study-counterparties $PY emodistill.py study-counterparties --out "$RUN" --methods "$METHODS" \
     --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" $FORCE_FLAG;; esac

@@ -93,3 +93,11 @@ def test_study_transfer_with_adapters_on_a_tiny_student(tmp_path, tiny_lm, capsy
     assert emodistill.main(argv) == 0
     assert os.path.getmtime(os.path.join(out, "transfer", "sft-crad", "adapter_model.safetensors")) == mtime
     assert "student + adapter" not in capsys.readouterr().out               # rows cached too
+    # other --steps: new selectors, so the study retrains its adapters instead of refusing them
+    argv[argv.index("--steps") + 1] = "40"
+    assert emodistill.main(argv) == 0
+    assert os.path.getmtime(os.path.join(out, "transfer", "sft-crad", "adapter_model.safetensors")) != mtime
+    assert "student + adapter" in capsys.readouterr().out
+    # the main run's sft stage still refuses other settings without --force
+    assert emodistill.main(["sft", "--out", out, "--student", student, "--max-examples", "5", "--epochs", "1",
+                            "--batch-size", "2"]) == 2
