@@ -19,6 +19,7 @@ resumable: a re-run continues where an interrupted run stopped and never duplica
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -1460,7 +1461,7 @@ def _bench_generate(args, cfg, perceiver):
           f"torch threads {torch.get_num_threads()}, {args.new_tokens} new tokens max")
     dom = cfg.domains["crad"]
     eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:args.batch]]
-    four = ng.Config(cfg.emotions, cfg.domains, max_turns=4, tolerance=cfg.tolerance)
+    four = dataclasses.replace(cfg, max_turns=4)
     ng.run_episodes(four, eps, ng.SimTeacher(cfg), ng.SimCounterparty(cfg, perceiver),
                     ng.random_emotion_policy(), perceiver)
     for ep in eps:
@@ -1488,7 +1489,7 @@ def _bench_generate(args, cfg, perceiver):
               f"{kv.generated_tokens / kv.gen_seconds:6.1f} new tokens/s end to end from an empty cache")
     n = args.batch
     eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:n]]
-    twelve = ng.Config(cfg.emotions, cfg.domains, max_turns=12, tolerance=cfg.tolerance)
+    twelve = dataclasses.replace(cfg, max_turns=12)
     agent = ng.LMAgent(model, tok, twelve, batch_size=n, max_new_tokens=args.new_tokens)
     t0 = time.time()
     ng.run_episodes(twelve, eps, agent, ng.SimCounterparty(cfg, perceiver), ng.random_emotion_policy(), perceiver)

@@ -116,6 +116,7 @@ class Config:
     domains: dict            # key -> Domain
     max_turns: int = 30
     tolerance: float = 0.02
+    turn_reminder: str = ""  # appended to every focal LLM turn (see turn_note); "" = none
     path: str = ""
 
 
@@ -369,7 +370,17 @@ def load_config(path="domains.yaml", side="focal") -> Config:
     return Config(emotions={n: emos[n] for n in EMOTIONS},
                   domains=swapped if side == "counterparty" else parsed,
                   max_turns=int(defaults.get("max_turns", 30)),
-                  tolerance=float(defaults.get("tolerance", 0.02)), path=str(path))
+                  tolerance=float(defaults.get("tolerance", 0.02)),
+                  turn_reminder=_reminder(defaults, path), path=str(path))
+
+
+def _reminder(defaults, path):
+    v = defaults.get("turn_reminder", "")
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise DomainConfigError(f"{path}: defaults.turn_reminder should be a string, got {type(v).__name__}")
+    return " ".join(v.split())
 
 
 def pick_domains(cfg: Config, spec: str):
@@ -1049,9 +1060,21 @@ class SimCounterparty:
 
 def emotion_note(cfg: Config, emotion, turn_index):
     """The affective-prompting block for one focal turn (SPEC §2). The wording rotates
-    through the emotion's instructions by turn index, so the model sees several phrasings."""
+    through the emotion's instructions by turn index, so the model sees several phrasings.
+    The domains file's turn reminder (if any) closes the block."""
     ins = cfg.emotions[emotion]["instructions"]
-    return f"[Emotional approach for your reply ({emotion}): {ins[turn_index % len(ins)]}]"
+    tail = f" {cfg.turn_reminder}" if cfg.turn_reminder else ""
+    return f"[Emotional approach for your reply ({emotion}): {ins[turn_index % len(ins)]}{tail}]"
+
+
+def turn_note(cfg: Config, emotion, turn_index, emotion_free=False):
+    """What is appended to the focal side's last message for the turn being generated: the
+    emotion block, or without an emotion just the turn reminder, so that every LLM method
+    (vanilla and emotion-free ones too) gets the same task instruction and the rows differ
+    only in the emotion. None when there is nothing to add."""
+    if emotion and not emotion_free:
+        return emotion_note(cfg, emotion, turn_index)
+    return f"[{cfg.turn_reminder}]" if cfg.turn_reminder else None
 
 
 def build_messages(cfg: Config, ep: Episode, role: str, emotion=None, emotion_free=False):
@@ -1077,8 +1100,9 @@ def build_messages(cfg: Config, ep: Episode, role: str, emotion=None, emotion_fr
     for turn in ep.turns:
         mine = turn["speaker"] == role
         msgs.append({"role": "assistant" if mine else "user", "content": turn["text"]})
-    if role == "focal" and emotion and not emotion_free:
-        msgs[-1]["content"] += "\n\n" + emotion_note(cfg, emotion, len(msgs))
+    note = turn_note(cfg, emotion, len(msgs), emotion_free) if role == "focal" else None
+    if note:
+        msgs[-1]["content"] += "\n\n" + note
     return msgs
 
 

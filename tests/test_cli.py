@@ -121,6 +121,7 @@ def _broken_yaml(tmp_path, edit):
     (lambda r: r["emotions"].__setitem__("smugness", r["emotions"]["joy"]), ["unknown emotion 'smugness'"]),
     (lambda r: r["domains"]["crad"]["teacher"]["justifications"].append("Because {weather}."),
      ["domain 'crad'", "justifications", "weather"]),
+    (lambda r: r["defaults"].__setitem__("turn_reminder", ["state", "a number"]), ["turn_reminder", "string"]),
 ])
 def test_domains_yaml_errors_name_domain_and_field(tmp_path, capsys, edit, words):
     path = _broken_yaml(tmp_path, edit)

@@ -2,6 +2,7 @@
 device and dtype choice, and the hand-written pieces on CUDA in bf16 checked against the same
 model in float32 on the CPU: response log-probabilities, the cached decoder, an SFT run and a
 JPO step."""
+import dataclasses
 import copy
 import os
 
@@ -106,7 +107,7 @@ def test_cuda_decoder_matches_hf_forward_and_generate(pair):
 def test_cuda_lm_agent_plays_episodes(cfg, pair):
     _, gpu, tok = pair
     lora.merge(gpu)
-    short = ng.Config(cfg.emotions, cfg.domains, max_turns=6)
+    short = dataclasses.replace(cfg, max_turns=6)
     dom = cfg.domains["crad"]
     eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:4]]
     agent = ng.LMAgent(gpu, tok, short, max_new_tokens=8, batch_size=4)

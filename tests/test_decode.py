@@ -1,6 +1,7 @@
 """decode.KVDecoder, the hand-written Llama forward with a key/value cache kept across turns,
 checked against Hugging Face: same logits, same greedy tokens as `generate`, and reusing the
 cache of a previous turn gives exactly what recomputing the whole prompt gives."""
+import dataclasses
 import pytest
 import torch
 
@@ -91,7 +92,7 @@ def test_sampling_is_reproducible_and_respects_top_p(model, tiny_lm):
 def test_lm_agent_with_cache_plays_like_without(cfg, tiny_lm):
     """Whole episodes, greedy: the cached decoder and `model.generate` say the same things."""
     model, tok = tiny_lm
-    short = ng.Config(cfg.emotions, cfg.domains, max_turns=10)
+    short = dataclasses.replace(cfg, max_turns=10)
     runs = []
     for kv in (True, False):
         dom = cfg.domains["disaster"]

@@ -1,5 +1,6 @@
 """LMAgent on a tiny random Llama (batched, left-padded generation) and model loading; a
 short integration test on the real SmolLM2-135M-Instruct."""
+import dataclasses
 import os
 
 import pytest
@@ -13,7 +14,7 @@ def _episodes(cfg, n, turns):
     dom = cfg.domains["student"]
     eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:n]]
     for i, ep in enumerate(eps):  # histories of different lengths -> different prompt lengths
-        short = ng.Config(cfg.emotions, cfg.domains, max_turns=turns[i % len(turns)])
+        short = dataclasses.replace(cfg, max_turns=turns[i % len(turns)])
         ng.run_episodes(short, [ep], ng.SimTeacher(cfg), ng.SimCounterparty(cfg), ng.random_emotion_policy())
         ep.end = None
     return eps
@@ -54,6 +55,17 @@ def test_prompt_has_emotion_block_and_history(cfg, tiny_lm):
     assert msgs[-1]["content"].startswith(ep.turns[-1]["text"] + "\n\n[")
     free = ng.build_messages(cfg, ep, "focal", "pride", emotion_free=True)
     assert not any("Emotional approach" in m["content"] for m in free)
+    # every focal turn ends with the same task reminder: inside the emotion block, or alone
+    # (emotion-free and vanilla), so the rows differ only in the emotion
+    rem = cfg.turn_reminder
+    assert rem and msgs[-1]["content"].endswith(f" {rem}]")
+    assert free[-1]["content"] == ep.turns[-1]["text"] + f"\n\n[{rem}]"
+    assert ng.build_messages(cfg, ep, "focal")[-1]["content"] == free[-1]["content"]
+    assert free[:-1] == msgs[:-1]
+    plain = dataclasses.replace(cfg, turn_reminder="")
+    assert ng.build_messages(plain, ep, "focal", "pride", emotion_free=True)[-1]["content"] == ep.turns[-1]["text"]
+    block = ng.build_messages(plain, ep, "focal", "pride")[-1]["content"].split("\n\n")[-1]
+    assert block.startswith("[Emotional approach for your reply (pride): ") and rem not in block
     cp = ng.build_messages(cfg, ep, "counterparty")
     assert [m["role"] for m in cp[1:]] == ["user", "assistant", "user", "assistant"]
 
@@ -62,7 +74,7 @@ def test_lm_agent_plays_episodes_in_lock_step(cfg, tiny_lm):
     model, tok = tiny_lm
     dom = cfg.domains["crad"]
     eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:3]]
-    short = ng.Config(cfg.emotions, cfg.domains, max_turns=4)
+    short = dataclasses.replace(cfg, max_turns=4)
     agent = ng.LMAgent(model, tok, short, max_new_tokens=6)
     ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), ng.random_emotion_policy())
     assert agent.calls == 2  # one batched call per focal turn

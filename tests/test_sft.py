@@ -1,6 +1,7 @@
 """SFT (SPEC §7): the response-only mask on the real chat template, the training prompt equals
 the inference prompt, the loss pieces, turn selection by advantage, and exact resumption."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ def _played(cfg, model, tok, emotion_free, n=2, max_turns=6):
     """Episodes played by an LMAgent, with every prompt it rendered recorded per episode."""
     dom = cfg.domains["hospital"]
     eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:n]]
-    short = ng.Config(cfg.emotions, cfg.domains, max_turns=max_turns)
+    short = dataclasses.replace(cfg, max_turns=max_turns)
     agent = ng.LMAgent(model, tok, short, max_new_tokens=6, emotion_free=emotion_free)
     seen = {ep.key: [] for ep in eps}
     render = agent.prompts
@@ -47,7 +48,7 @@ def test_response_mask_covers_exactly_the_response_on_the_real_template(cfg, smo
     _, tok = smollm2
     dom = cfg.domains["student"]
     ep = ng.new_episode(dom, ng.make_scenarios(dom)[3], 0)
-    ng.run_episodes(ng.Config(cfg.emotions, cfg.domains, max_turns=5), [ep], ng.SimTeacher(cfg),
+    ng.run_episodes(dataclasses.replace(cfg, max_turns=5), [ep], ng.SimTeacher(cfg),
                     ng.SimCounterparty(cfg), ng.random_emotion_policy())
     rec = ng.to_record(ep)
     t = 4
