@@ -918,6 +918,7 @@ def evaluate(args):
     lines += ["", "offer in range: share of the focal turns whose offer parses and lies between the two openings; "
               "emotion match: share of emotion-conditioned focal turns whose perceived emotion (cue lexicon) is the "
               "requested one. Both are per-episode shares averaged over episodes.", ""]
+    lines += ordering_lines(results, methods, args.domain_list)
     lines += _plots(os.path.join(args.out, args.eval_dir), results, methods, args.domain_list)
     if args.eval_dir == "eval":
         lines += _study_sections(args.out)
@@ -926,6 +927,38 @@ def evaluate(args):
     write_text_atomic(report, text)
     print(text)
     return results
+
+
+# The paper's claims about the LLM rows, as (better, worse, strict): EmoDistill >= IQL+SFT >=
+# IQL >= vanilla, and EmoDistill > the emotion-free distillation.
+PAPER_ORDERINGS = [("emodistill", "iql+sft", False), ("iql+sft", "iql", False), ("iql", "vanilla", False),
+                   ("emodistill", "jpo-emotion-free", True)]
+
+
+def ordering_lines(results, methods, domains):
+    """results.md's check of the paper's orderings: for each pair whose two rows ran, the mean
+    utility difference per domain and pooled, with a paired 95% bootstrap CI (same scenarios,
+    seeds and counterparty), and in how many domains the ordering holds in the means. A
+    difference whose CI covers 0 is not evidence either way."""
+    pairs = [(a, b, strict) for a, b, strict in PAPER_ORDERINGS if a in methods and b in methods]
+    if not pairs:
+        return []
+    lines = ["## The paper's orderings (mean utility difference, paired 95% bootstrap CI)", "",
+             "| ordering | " + " | ".join(domains) + " | pooled | holds in |",
+             "|---|" + "---|" * (len(domains) + 2)]
+    for a, b, strict in pairs:
+        ra, rb = results[a]["records"], results[b]["records"]
+        cells, holds = [], 0
+        for d in domains:
+            m, lo, hi, n = ng.paired_diff_ci([r for r in ra if r["domain"] == d], [r for r in rb if r["domain"] == d])
+            holds += n > 0 and (m > 0 if strict else m >= 0)
+            cells.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" if n else "-")
+        m, lo, hi, n = ng.paired_diff_ci(ra, rb)
+        lines.append(f"| {a} {'>' if strict else '≥'} {b} | " + " | ".join(cells)
+                     + f" | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | {holds} of {len(domains)} |")
+    return lines + ["", "Each cell: mean of (left - right) utility over the episodes both rows played, the same "
+                    "scenario and seed; an ordering holds in a domain when that mean is >= 0 (> 0 for the strict "
+                    "one). A CI that covers 0 means the two rows are not told apart at this sample size.", ""]
 
 
 def _plots(folder, results, methods, domains):

@@ -1425,6 +1425,20 @@ def bootstrap_ci(values, n_boot=2000, alpha=0.05, seed=0):
     return float(v.mean()), float(lo), float(hi)
 
 
+def paired_diff_ci(recs_a, recs_b, key="utility", n_boot=2000, seed=0):
+    """Mean of (a - b) over the episodes both record lists played (matched on domain,
+    scenario id, seed and persona: the same scenario against the same counterparty), with a
+    percentile-bootstrap 95% CI over those pairs. Pairing removes the scenario-to-scenario
+    spread, which is most of the variance when two methods play the same held-out scenarios.
+    Returns (mean, lo, hi, n_pairs); NaNs when nothing matches."""
+    def index(recs):
+        return {(r["domain"], r["scenario_id"], r["seed"], r.get("persona")): r["outcome"][key] for r in recs}
+    a, b = index(recs_a), index(recs_b)
+    both = sorted(set(a) & set(b), key=str)
+    m, lo, hi = bootstrap_ci([float(a[k]) - float(b[k]) for k in both], n_boot=n_boot, seed=seed)
+    return m, lo, hi, len(both)
+
+
 def expression_rates(rec):
     """How well the focal side *said* things in one trajectory: the share of its turns whose
     offer parses and lies inside the bargaining range [min(s0, b0), max(s0, b0)], and the

@@ -101,3 +101,25 @@ def test_study_transfer_with_adapters_on_a_tiny_student(tmp_path, tiny_lm, capsy
     # the main run's sft stage still refuses other settings without --force
     assert emodistill.main(["sft", "--out", out, "--student", student, "--max-examples", "5", "--epochs", "1",
                             "--batch-size", "2"]) == 2
+
+
+def test_results_report_checks_the_papers_orderings_per_domain():
+    def recs(us):  # {domain: [utility per held-out scenario]}
+        return {"records": [{"domain": d, "scenario_id": 80 + i, "seed": 0, "persona": None, "outcome": {"utility": u}}
+                            for d, row in us.items() for i, u in enumerate(row)]}
+    results = {"vanilla": recs({"crad": [0.1, 0.1], "hospital": [0.2, 0.2]}),
+               "iql": recs({"crad": [0.3, 0.1], "hospital": [0.1, 0.1]}),          # better in crad only
+               "iql+sft": recs({"crad": [0.3, 0.1], "hospital": [0.1, 0.1]}),      # ties iql everywhere
+               "emodistill": recs({"crad": [0.3, 0.1], "hospital": [0.1, 0.1]}),
+               "jpo-emotion-free": recs({"crad": [0.3, 0.1], "hospital": [0.0, 0.1]})}
+    methods = ["teacher-iql", "vanilla", "iql", "iql+sft", "emodistill", "jpo-emotion-free"]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in emodistill.ordering_lines(results, methods, ["crad", "hospital"])
+            if line.startswith("| ") and " of 2 |" in line}
+    assert set(rows) == {"iql ≥ vanilla", "iql+sft ≥ iql", "emodistill ≥ iql+sft", "emodistill > jpo-emotion-free"}
+    assert rows["iql ≥ vanilla"].endswith("| 1 of 2 |") and "+0.100 [+0.000, +0.200]" in rows["iql ≥ vanilla"]
+    assert "-0.100 [-0.100, -0.100]" in rows["iql ≥ vanilla"]
+    assert rows["iql+sft ≥ iql"].endswith("| 2 of 2 |")                     # a tie holds for >=
+    assert rows["emodistill > jpo-emotion-free"].endswith("| 1 of 2 |")     # ... but not for >
+    # a pair with a row that did not run is left out; no pair at all, no section
+    assert not any("jpo-emotion-free" in line for line in emodistill.ordering_lines(results, methods[:-1], ["crad"]))
+    assert emodistill.ordering_lines(results, ["vanilla", "teacher-iql"], ["crad"]) == []

@@ -1,6 +1,7 @@
 """train.sh end to end on a tiny random student: both lanes side by side (JOBS=2), the report
 from every method, the stage times, a re-run that skips everything, and a lane that fails."""
 import os
+import re
 import subprocess
 
 import pytest
@@ -37,6 +38,10 @@ def test_two_lanes_make_every_method_and_a_rerun_skips(tmp_path, tiny_student):
     for m in METHODS.split(","):
         assert f"| {m} | 80 |" in report, m
         assert (run / "eval" / f"{m}.json").exists()
+    # the report checks the paper's four orderings, each over the four domains
+    section = report[report.index("## The paper's orderings"):]
+    for pair in ("emodistill ≥ iql+sft", "iql+sft ≥ iql", "iql ≥ vanilla", "emodistill > jpo-emotion-free"):
+        assert re.search(rf"\| {re.escape(pair)} \|.* \| [0-4] of 4 \|", section), pair
     for stage in ("collect", "judge", "iql", "sft", "jpo", "sft-emotion-free", "jpo-emotion-free",
                   "eval vanilla", "eval iql,iql+sft", "eval emodistill,jpo-emotion-free", "eval others", "report"):
         assert f"[train.sh] {stage} done in " in p.stdout, stage

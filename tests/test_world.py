@@ -174,6 +174,22 @@ def test_bootstrap_ci():
     assert all(x != x for x in ng.bootstrap_ci([]))
 
 
+def _rec(domain, sid, u, seed=0):
+    return {"domain": domain, "scenario_id": sid, "seed": seed, "persona": None, "outcome": {"utility": u}}
+
+
+def test_paired_diff_ci_matches_episodes_and_ignores_unmatched():
+    a = [_rec("crad", 80, 0.5), _rec("crad", 81, 0.2), _rec("crad", 82, 0.0), _rec("crad", 83, 0.9)]
+    b = [_rec("crad", 82, 0.3), _rec("crad", 80, 0.1), _rec("crad", 81, 0.2), _rec("crad", 84, 0.0)]
+    m, lo, hi, n = ng.paired_diff_ci(a, b)
+    assert n == 3 and m == pytest.approx((0.4 + 0.0 - 0.3) / 3)    # 83 and 84 have no partner
+    assert -0.3 - 1e-9 <= lo <= m <= hi <= 0.4 + 1e-9
+    # a constant difference has a zero-width interval; another seed of the same scenario is another pair
+    m, lo, hi, n = ng.paired_diff_ci([_rec("x", 1, 0.3), _rec("x", 1, 0.5, seed=1)], [_rec("x", 1, 0.1), _rec("x", 1, 0.3, seed=1)])
+    assert n == 2 and (m, lo, hi) == pytest.approx((0.2, 0.2, 0.2))
+    assert ng.paired_diff_ci(a, [_rec("student", 80, 0.1)])[3] == 0
+
+
 def test_a_model_restating_the_other_offer_is_not_read_as_its_offer(cfg):
     """An LM that repeats the counterparty's number while refusing it ("150 days is far too
     long") must not converge on that number; the same words from a simulated agent (whose
