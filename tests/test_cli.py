@@ -133,6 +133,15 @@ def test_domains_yaml_errors_name_domain_and_field(tmp_path, capsys, edit, words
     assert words[-1] in capsys.readouterr().err
 
 
+def test_turn_reminder_from_the_domains_file(tmp_path):
+    path = _broken_yaml(tmp_path, lambda r: r["defaults"].__setitem__("turn_reminder", "  State your\n offer. "))
+    cfg = ng.load_config(path)
+    assert cfg.turn_reminder == "State your offer."
+    assert ng.turn_note(cfg, None, 3) == "[State your offer.]"
+    assert ng.turn_note(cfg, "joy", 3).endswith(" State your offer.]")
+    assert ng.turn_note(ng.load_config(DOMAINS_FILE), None, 3) is None
+
+
 def test_malformed_yaml(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("emotions: [unclosed\n  domains: {")

@@ -57,15 +57,18 @@ def test_prompt_has_emotion_block_and_history(cfg, tiny_lm):
     assert not any("Emotional approach" in m["content"] for m in free)
     # every focal turn ends with the same task reminder: inside the emotion block, or alone
     # (emotion-free and vanilla), so the rows differ only in the emotion
-    rem = cfg.turn_reminder
-    assert rem and msgs[-1]["content"].endswith(f" {rem}]")
-    assert free[-1]["content"] == ep.turns[-1]["text"] + f"\n\n[{rem}]"
-    assert ng.build_messages(cfg, ep, "focal")[-1]["content"] == free[-1]["content"]
-    assert free[:-1] == msgs[:-1]
-    plain = dataclasses.replace(cfg, turn_reminder="")
-    assert ng.build_messages(plain, ep, "focal", "pride", emotion_free=True)[-1]["content"] == ep.turns[-1]["text"]
-    block = ng.build_messages(plain, ep, "focal", "pride")[-1]["content"].split("\n\n")[-1]
-    assert block.startswith("[Emotional approach for your reply (pride): ") and rem not in block
+    assert cfg.turn_reminder == ""                      # off by default: the paper's plain block
+    assert free[-1]["content"] == ep.turns[-1]["text"]
+    block = msgs[-1]["content"].split("\n\n")[-1]
+    assert block.startswith("[Emotional approach for your reply (pride): ") and block.endswith(".]")
+    rem = "State your offer as a number."
+    cfg_r = dataclasses.replace(cfg, turn_reminder=rem)
+    with_r = ng.build_messages(cfg_r, ep, "focal", "pride")
+    assert with_r[-1]["content"] == msgs[-1]["content"][:-1] + f" {rem}]"
+    free_r = ng.build_messages(cfg_r, ep, "focal", "pride", emotion_free=True)
+    assert free_r[-1]["content"] == ep.turns[-1]["text"] + f"\n\n[{rem}]"
+    assert ng.build_messages(cfg_r, ep, "focal")[-1]["content"] == free_r[-1]["content"]
+    assert free_r[:-1] == with_r[:-1] == msgs[:-1]
     cp = ng.build_messages(cfg, ep, "counterparty")
     assert [m["role"] for m in cp[1:]] == ["user", "assistant", "user", "assistant"]
 
