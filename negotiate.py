@@ -20,6 +20,8 @@ Where this departs from the paper's reference code, and why (SPEC §10):
 Additions the paper does not have (so everything runs offline): `SimTeacher`, a phrase-bank
 teacher, and `SimCounterparty`, an emotion-sensitive concession model that perceives the
 focal agent's emotion from the *text* through a cue lexicon (it never sees the label).
+An optional turn reminder (`defaults.turn_reminder`, off by default) closes every focal LLM
+prompt, with or without an emotion block; the README's runs/v6 measures what it does.
 
 For the trained-vs-trained tournament every domain can be turned around (`swap_domain`,
 `load_config(side="counterparty")`): the old counterparty becomes the focal side that the
