@@ -377,12 +377,10 @@ def load_config(path="domains.yaml", side="focal") -> Config:
 
 
 def _reminder(defaults, path):
-    v = defaults.get("turn_reminder", "")
-    if v is None:
+    """defaults.turn_reminder with its whitespace collapsed; "" when absent or left empty."""
+    if defaults.get("turn_reminder") is None:
         return ""
-    if not isinstance(v, str):
-        raise DomainConfigError(f"{path}: defaults.turn_reminder should be a string, got {type(v).__name__}")
-    return " ".join(v.split())
+    return " ".join(_need(defaults, "turn_reminder", str, f"{path}: defaults", "a string").split())
 
 
 def pick_domains(cfg: Config, spec: str):

@@ -2,8 +2,8 @@
 device and dtype choice, and the hand-written pieces on CUDA in bf16 checked against the same
 model in float32 on the CPU: response log-probabilities, the cached decoder, an SFT run and a
 JPO step."""
-import dataclasses
 import copy
+import dataclasses
 import os
 
 import pytest

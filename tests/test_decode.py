@@ -2,6 +2,7 @@
 checked against Hugging Face: same logits, same greedy tokens as `generate`, and reusing the
 cache of a previous turn gives exactly what recomputing the whole prompt gives."""
 import dataclasses
+
 import pytest
 import torch
 
