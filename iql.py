@@ -1,8 +1,8 @@
 """The emotion selector pi(e | s): discrete Implicit Q-Learning on the offline corpus.
 
-Paper part: the "which emotion" half of EmoDistill (SPEC §6), trained only on the judged
-corpus, with no live negotiation. The method is IQL (Kostrikov et al. 2021) for a discrete
-action space of the 28 GoEmotions labels:
+Paper part: the "which emotion" half of EmoDistill (the paper's emotion selector), trained only
+on the judged corpus, with no live negotiation. The method is Discrete IQL (Kostrikov et al.
+2021): IQL for a discrete action space of the 28 GoEmotions labels (`domains.EMOTIONS`):
   V(s)     <- expectile regression (tau = `expectile`) on min(Q_target1, Q_target2)(s, a_data)
   Q_i(s,a) <- r + gamma (1 - done) V(s')            (in-sample: no max over actions, ever)
   pi(a|s)  <- advantage-weighted regression, weights exp(beta (Q_target - V)) clipped at 100
@@ -31,12 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EMOTIONS = [
-    "admiration", "amusement", "anger", "annoyance", "approval", "caring", "confusion",
-    "curiosity", "desire", "disappointment", "disapproval", "disgust", "embarrassment",
-    "excitement", "fear", "gratitude", "grief", "joy", "love", "nervousness", "optimism",
-    "pride", "realization", "relief", "remorse", "sadness", "surprise", "neutral",
-]
+from domains import EMOTIONS
 
 
 @dataclass
@@ -298,17 +293,9 @@ class Selector:
 @torch.no_grad()
 def advantages(model, data, gamma):
     """A_t = r_t + gamma V(s_{t+1}) (1 - d_t) - V(s_t) for every row of a transition dict,
-    with the learned V (SPEC §7: how SFT ranks the corpus's focal turns)."""
+    with the learned V: how the paper's SFT ranks the corpus's focal turns (it keeps the top K%)."""
     model.eval()
     v = model.v(model.norm(data["s"])).squeeze(1)                     # N
     v_next = model.v(model.norm(data["s2"])).squeeze(1)               # N
     return q_target(data["r"], v_next, data["d"], gamma) - v
 
-
-def value_fn(model, spec):
-    """V(s) for a trajectory prefix, for ranking corpus turns by advantage (used by SFT)."""
-    def v(turns, s0, b0, domain):
-        x = torch.tensor(features(turns, s0, b0, domain, spec["domains"], spec["max_turns"]))[None]
-        with torch.no_grad():
-            return float(model.v(model.norm(x)))
-    return v

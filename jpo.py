@@ -1,4 +1,4 @@
-"""Judge Policy Optimization (SPEC §8): refine the SFT adapter toward what the judge rewards.
+"""JPO (the paper's Judge Policy Optimization): refine the SFT adapter toward what the judge rewards.
 
 Paper part: the last stage of EmoDistill. PPO-style clipped policy optimisation on *offline*
 focal turns of the corpus, anchored to the SFT initialisation:
@@ -20,9 +20,8 @@ paper: nothing in the objective; the optional re-sampling (GRPO-style) mode is n
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -130,8 +129,7 @@ def reference_logprobs(model, examples, micro, pad_id, cfg: JPOConfig):
     return out
 
 
-def train_jpo(model, examples, rewards, groups, pad_id, cfg: JPOConfig, ckpt=None, log=print, progress=None,
-              stop_after=None):
+def train_jpo(model, examples, rewards, groups, pad_id, cfg: JPOConfig, ckpt=None, log=print, progress=None):
     """JPO on encoded examples (lora.encode_example) with judge rewards and group keys.
     The model's current LoRA weights are the reference. Resumes from `ckpt` when present.
     Returns a dict with the per-step diagnostics."""
@@ -151,21 +149,14 @@ def train_jpo(model, examples, rewards, groups, pad_id, cfg: JPOConfig, ckpt=Non
     warmup = max(1, int(total * cfg.warmup_frac))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     state = {"step": 0, "history": []}
-    if ckpt and os.path.exists(ckpt):
-        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if ck["config"] != asdict(cfg) or ck["n_examples"] != len(examples):
-            raise ValueError(f"{ckpt} was written with other JPO settings or data; delete it or use --force")
-        refs = ck["refs"]
-        lora.set_lora_state(model, ck["lora"])
-        opt.load_state_dict(ck["opt"])
-        state = ck["state"]
+    ck = lora.load_checkpoint(ckpt, model, opt, cfg, len(examples), "JPO")
+    if ck is not None:
+        refs, state = ck["refs"], ck["state"]
         log(f"[jpo] resuming from step {state['step']}")
     else:
         refs = reference_logprobs(model, examples, micro, pad_id, cfg)
     t0 = time.time()
     while state["step"] < total:
-        if stop_after is not None and state["step"] >= stop_after:
-            return {**state, "stopped": "stop_after"}
         step = state["step"]
         chunk = micro[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
         batches = [{k: v.to(dev) for k, v in lora.collate([examples[i] for i in idx], pad_id, cfg.max_len).items()}
@@ -179,7 +170,6 @@ def train_jpo(model, examples, rewards, groups, pad_id, cfg: JPOConfig, ckpt=Non
         if progress:
             progress(state["step"], total)
         if ckpt:
-            lora.atomic_save({"lora": lora.get_lora_state(model), "opt": opt.state_dict(), "state": state,
-                              "refs": refs, "config": asdict(cfg), "n_examples": len(examples)}, ckpt)
+            lora.save_checkpoint(ckpt, model, opt, state, cfg, len(examples), refs=refs)
     return {**state, "total_steps": total, "n_examples": len(examples), "seconds": round(time.time() - t0, 1),
             "adv_nonzero": float((adv_all != 0).float().mean())}

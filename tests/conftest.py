@@ -7,21 +7,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("EMODISTILL_NO_PROGRESS", "1")
 
-import negotiate as ng  # noqa: E402
+import domains  # noqa: E402
 
 DOMAINS_FILE = os.path.join(ROOT, "domains.yaml")
 
 
 @pytest.fixture(scope="session")
 def cfg():
-    return ng.load_config(DOMAINS_FILE)
+    return domains.load_config(DOMAINS_FILE)
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (converted from the wheel's GGUF once, then cached)."""
-    import emodistill
-    return emodistill.load_lm("smollm2", device="cpu")
+    import models
+    return models.load_lm("smollm2", device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +35,28 @@ def tiny_lm(smollm2):
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
     return LlamaForCausalLM(conf).eval(), tok
+
+
+class Killed(BaseException):
+    """Stands for a kill (SIGKILL, a pre-empted machine) in the middle of a training stage. A
+    BaseException, so that no `except Exception` on the way (the CLI's error handling) stops it."""
+
+
+@pytest.fixture
+def kill_after(monkeypatch):
+    """kill_after(n): the next SFT or JPO run is killed (raises Killed) just after its n-th
+    checkpoint save, as a real kill after n steps would leave it; later saves (a resumed run)
+    go through. Patches the one saver both loops call, lora.save_checkpoint."""
+    import lora
+
+    def arm(n):
+        save, saves = lora.save_checkpoint, 0
+
+        def save_then_die(*args, **kwargs):
+            nonlocal saves
+            save(*args, **kwargs)
+            saves += 1
+            if saves == n:
+                raise Killed(f"killed after checkpoint save {n}")
+        monkeypatch.setattr(lora, "save_checkpoint", save_then_die)
+    return arm

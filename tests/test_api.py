@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import domains
+import runs
 import negotiate  # noqa: E402
 
 CFG_PATH = os.path.join(os.path.dirname(__file__), "..", "domains.yaml")
@@ -28,12 +30,12 @@ CFG_PATH = os.path.join(os.path.dirname(__file__), "..", "domains.yaml")
 
 @pytest.fixture(scope="module")
 def cfg():
-    return negotiate.load_config(CFG_PATH)
+    return domains.load_config(CFG_PATH)
 
 
 @pytest.fixture(scope="module")
 def scenarios(cfg):
-    return negotiate.make_scenarios(cfg.domains["crad"])
+    return domains.make_scenarios(cfg.domains["crad"])
 
 
 @pytest.fixture
@@ -300,7 +302,7 @@ def test_parse_score():
 
 def test_judge_messages_mark_the_turn(cfg):
     dom = cfg.domains["hospital"]
-    ep = negotiate.new_episode(dom, negotiate.make_scenarios(dom)[0], 0)
+    ep = negotiate.new_episode(dom, domains.make_scenarios(dom)[0], 0)
     negotiate.run_episodes(cfg, [ep], negotiate.SimTeacher(cfg), negotiate.SimCounterparty(cfg),
                            negotiate.random_emotion_policy())
     rec = negotiate.to_record(ep)
@@ -322,7 +324,7 @@ def test_api_judge_stage(tmp_path, monkeypatch, server, answer, want):
     assert emodistill.main(["collect", "--out", out, "--domains", "crad", "--scenarios", "0-2",
                             "--seeds-per-scenario", "1"]) == 0
     assert emodistill.main(["judge", "--out", out, "--judge", "api:judge-model"]) == 0
-    recs, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
+    recs, _ = runs.read_jsonl(os.path.join(out, "judged.jsonl"))
     focal = [t for r in recs for t in r["turns"] if t["speaker"] == "focal"]
     assert server.count == len(focal) and all(t["score"] == want for t in focal)
     assert all(set(t["components"]) >= {"offer", "effect"} for t in focal)   # rubric parts kept

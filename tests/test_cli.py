@@ -5,6 +5,8 @@ import shutil
 
 import pytest
 
+import domains
+import runs
 import emodistill
 import negotiate as ng
 from conftest import DOMAINS_FILE
@@ -19,7 +21,7 @@ def run(*argv):
 def test_collect_judge_summary_smoke(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert run("collect", "--out", out, *SMALL) == 0
-    recs, bad = emodistill.read_jsonl(os.path.join(out, "corpus.jsonl"))
+    recs, bad = runs.read_jsonl(os.path.join(out, "corpus.jsonl"))
     assert len(recs) == 4 * 5 * 2 and not bad
     assert len({r["key"] for r in recs}) == len(recs)
     r = recs[0]
@@ -29,7 +31,7 @@ def test_collect_judge_summary_smoke(tmp_path, capsys):
     assert all(t["emotion"] in ng.EMOTIONS and t["perceived"] in ng.EMOTIONS for t in focal)
     assert all("offer" in t and "text" in t for t in r["turns"])
     assert run("judge", "--out", out) == 0
-    judged, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
+    judged, _ = runs.read_jsonl(os.path.join(out, "judged.jsonl"))
     assert [j["key"] for j in judged] == [r["key"] for r in recs]
     for j in judged:
         for t in j["turns"]:
@@ -85,7 +87,7 @@ def test_corrupt_corpus_line_is_named_or_skipped(tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "judged.jsonl"))
     assert run("judge", "--out", out, "--on-bad-line", "skip") == 0
     assert "skipped 2 corrupt line(s)" in capsys.readouterr().out
-    judged, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
+    judged, _ = runs.read_jsonl(os.path.join(out, "judged.jsonl"))
     assert len(judged) == len(lines) - 2
 
 
@@ -126,7 +128,7 @@ def _broken_yaml(tmp_path, edit):
 def test_domains_yaml_errors_name_domain_and_field(tmp_path, capsys, edit, words):
     path = _broken_yaml(tmp_path, edit)
     with pytest.raises(ng.DomainConfigError) as e:
-        ng.load_config(path)
+        domains.load_config(path)
     for w in words:
         assert w in str(e.value)
     assert run("collect", "--out", str(tmp_path / "r"), "--domains-file", path) == 2
@@ -135,18 +137,18 @@ def test_domains_yaml_errors_name_domain_and_field(tmp_path, capsys, edit, words
 
 def test_turn_reminder_from_the_domains_file(tmp_path):
     path = _broken_yaml(tmp_path, lambda r: r["defaults"].__setitem__("turn_reminder", "  State your\n offer. "))
-    cfg = ng.load_config(path)
+    cfg = domains.load_config(path)
     assert cfg.turn_reminder == "State your offer."
     assert ng.turn_note(cfg, None, 3) == "[State your offer.]"
     assert ng.turn_note(cfg, "joy", 3).endswith(" State your offer.]")
-    assert ng.turn_note(ng.load_config(DOMAINS_FILE), None, 3) is None
+    assert ng.turn_note(domains.load_config(DOMAINS_FILE), None, 3) is None
 
 
 def test_malformed_yaml(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("emotions: [unclosed\n  domains: {")
     with pytest.raises(ng.DomainConfigError, match="not valid YAML"):
-        ng.load_config(str(p))
+        domains.load_config(str(p))
 
 
 def test_a_fifth_domain_needs_only_a_yaml_entry(tmp_path):
@@ -158,7 +160,7 @@ def test_a_fifth_domain_needs_only_a_yaml_entry(tmp_path):
     out = str(tmp_path / "run")
     assert run("collect", "--out", out, "--domains-file", path, "--domains", "rent", *SMALL) == 0
     assert run("judge", "--out", out, "--domains-file", path) == 0
-    recs, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
+    recs, _ = runs.read_jsonl(os.path.join(out, "judged.jsonl"))
     assert {r["domain"] for r in recs} == {"rent"} and len(recs) == 10
 
 
@@ -178,7 +180,7 @@ def test_finished_stages_are_not_reused_with_other_inputs(tmp_path, capsys):
 def test_heldout_persona_in_every_domain(tmp_path, cfg, capsys):
     out = str(tmp_path / "run")
     assert run("collect", "--out", out, *SMALL, "--persona", "heldout") == 0
-    recs, _ = emodistill.read_jsonl(os.path.join(out, "corpus.jsonl"))
+    recs, _ = runs.read_jsonl(os.path.join(out, "corpus.jsonl"))
     held = {d: next(p.name for p in dom.personas.values() if p.heldout) for d, dom in cfg.domains.items()}
     assert all(r["persona"] == held[r["domain"]] for r in recs)
     assert run("collect", "--out", str(tmp_path / "r2"), *SMALL, "--persona", "nobody") == 2
@@ -198,7 +200,7 @@ def test_eval_cache_follows_settings(tmp_path, capsys):
 
 def test_convergence_never_settles_past_the_counterpartys_offer(cfg):
     dom = cfg.domains["crad"]
-    sc = ng.make_scenarios(dom)[0]
+    sc = domains.make_scenarios(dom)[0]
     ep = ng.new_episode(dom, sc, 0)
     r = sc.reservation
     x_f = float(int(r) - 1)            # the focal asks slightly past the reservation (crad: fewer days)
@@ -212,7 +214,7 @@ def test_summary_ignores_missing_llm_scores(tmp_path, capsys):
     assert run("collect", "--out", out, *SMALL) == 0
     assert run("judge", "--out", out) == 0
     path = os.path.join(out, "judged.jsonl")
-    recs, _ = emodistill.read_jsonl(path)
+    recs, _ = runs.read_jsonl(path)
     recs[0]["turns"][0]["score"] = None
     with open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in recs))
@@ -227,7 +229,7 @@ def test_full_disk_and_unwritable_run_folder(tmp_path, monkeypatch, capsys):
     created is a clear error, not a traceback."""
     import errno
     out = str(tmp_path / "run")
-    real = emodistill.PartialJsonl.append
+    real = runs.PartialJsonl.append
     calls = {"n": 0}
 
     def flaky(self, records):
@@ -235,16 +237,16 @@ def test_full_disk_and_unwritable_run_folder(tmp_path, monkeypatch, capsys):
         if calls["n"] == 3:
             raise OSError(errno.ENOSPC, "No space left on device", self.partial)
         return real(self, records)
-    monkeypatch.setattr(emodistill.PartialJsonl, "append", flaky)
+    monkeypatch.setattr(runs.PartialJsonl, "append", flaky)
     with pytest.raises(OSError):     # the stage itself does not swallow it ...
-        emodistill.collect(emodistill.build_parser().parse_args(["collect", "--out", out, *SMALL]))
+        emodistill.collect(out, scenarios="0-4", seeds_per_scenario=2, batch_size=8)
     calls["n"] = 0
     assert run("collect", "--out", out, *SMALL) == 2   # ... the CLI reports it
     err = capsys.readouterr().err
     assert "No space left on device" in err and "corpus.jsonl.partial" in err
-    kept, _ = emodistill.read_jsonl(os.path.join(out, "corpus.jsonl.partial"))
+    kept, _ = runs.read_jsonl(os.path.join(out, "corpus.jsonl.partial"))
     assert len(kept) == 4 * 8           # two whole batches survived each failed attempt (the 2nd resumed)
-    monkeypatch.setattr(emodistill.PartialJsonl, "append", real)
+    monkeypatch.setattr(runs.PartialJsonl, "append", real)
     assert run("collect", "--out", out, *SMALL) == 0
     ref = str(tmp_path / "ref")
     assert run("collect", "--out", ref, *SMALL) == 0

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import decode
-import emodistill
+import domains
 import jpo
 import lora
+import models
 import negotiate as ng
 from test_sft import _examples
 
@@ -48,10 +49,10 @@ def _rel(a, b):
 def test_cuda_is_picked_with_bf16(tiny_lm, tmp_path, monkeypatch):
     monkeypatch.delenv("EMODISTILL_DEVICE", raising=False)
     monkeypatch.delenv("EMODISTILL_DTYPE", raising=False)
-    assert emodistill.pick_device_dtype() == ("cuda", torch.bfloat16)
+    assert models.pick_device_dtype() == ("cuda", torch.bfloat16)
     tiny_lm[0].save_pretrained(tmp_path)
     tiny_lm[1].save_pretrained(tmp_path)
-    model, _ = emodistill.load_lm(str(tmp_path))
+    model, _ = models.load_lm(str(tmp_path))
     p = next(model.parameters())
     assert p.device.type == "cuda" and p.dtype == torch.bfloat16
     lora.inject(model)
@@ -109,7 +110,7 @@ def test_cuda_lm_agent_plays_episodes(cfg, pair):
     lora.merge(gpu)
     short = dataclasses.replace(cfg, max_turns=6)
     dom = cfg.domains["crad"]
-    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:4]]
+    eps = [ng.new_episode(dom, sc, 0) for sc in domains.make_scenarios(dom)[:4]]
     agent = ng.LMAgent(gpu, tok, short, max_new_tokens=8, batch_size=4)
     ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), ng.random_emotion_policy())
     assert all(ep.done for ep in eps) and agent.generated_tokens > 0

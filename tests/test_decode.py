@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import decode
+import domains
 import negotiate as ng
 
 
@@ -97,7 +98,7 @@ def test_lm_agent_with_cache_plays_like_without(cfg, tiny_lm):
     runs = []
     for kv in (True, False):
         dom = cfg.domains["disaster"]
-        eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:3]]
+        eps = [ng.new_episode(dom, sc, 0) for sc in domains.make_scenarios(dom)[:3]]
         agent = ng.LMAgent(model, tok, short, temperature=0, max_new_tokens=8, kv_cache=kv, batch_size=2)
         ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), ng.random_emotion_policy())
         runs.append([[t["text"] for t in ep.turns] for ep in eps])

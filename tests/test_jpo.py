@@ -1,5 +1,6 @@
-"""JPO (SPEC §8): the loss pieces against hand-computed values, group normalisation edge
-cases, step 0 (ratio 1, KL 0), and the direction of one step for either sign of advantage."""
+"""JPO (the paper's Judge Policy Optimization): the loss pieces against hand-computed values,
+group normalisation edge cases, step 0 (ratio 1, KL 0), the direction of one step for either
+sign of advantage, and exact resumption after a kill."""
 import copy
 import math
 
@@ -8,6 +9,7 @@ import torch
 
 import jpo
 import lora
+from conftest import Killed
 
 
 def test_clipped_surrogate_by_hand():
@@ -79,7 +81,7 @@ def test_one_step_moves_likelihood_with_the_advantage(tiny_lm, sign):
     assert (after - before) * sign > 0, (before, after)
 
 
-def test_jpo_resumes_exactly(tiny_lm, tmp_path):
+def test_jpo_resumes_exactly(tiny_lm, tmp_path, kill_after):
     model, tok, exs = _setup(tiny_lm)
     exs = exs * 3
     rewards, groups = [9, 2, 8, 3] * 3, ["a", "a", "b", "b"] * 3
@@ -88,8 +90,10 @@ def test_jpo_resumes_exactly(tiny_lm, tmp_path):
     jpo.train_jpo(a, exs, rewards, groups, tok.pad_token_id, cfg, log=lambda *_: None)
     ck = str(tmp_path / "j.pt")
     b = copy.deepcopy(model)
-    assert jpo.train_jpo(b, exs, rewards, groups, tok.pad_token_id, cfg, ckpt=ck, log=lambda *_: None,
-                         stop_after=5)["step"] == 5
+    kill_after(5)
+    with pytest.raises(Killed):
+        jpo.train_jpo(b, exs, rewards, groups, tok.pad_token_id, cfg, ckpt=ck, log=lambda *_: None)
+    assert torch.load(ck, weights_only=False)["state"]["step"] == 5
     b = copy.deepcopy(model)
     jpo.train_jpo(b, exs, rewards, groups, tok.pad_token_id, cfg, ckpt=ck, log=lambda *_: None)
     for ma, mb in zip(lora.lora_modules(a).values(), lora.lora_modules(b).values()):

@@ -6,13 +6,16 @@ import os
 import pytest
 import torch
 
+import domains
+import models
+import runs
 import emodistill
 import negotiate as ng
 
 
 def _episodes(cfg, n, turns):
     dom = cfg.domains["student"]
-    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:n]]
+    eps = [ng.new_episode(dom, sc, 0) for sc in domains.make_scenarios(dom)[:n]]
     for i, ep in enumerate(eps):  # histories of different lengths -> different prompt lengths
         short = dataclasses.replace(cfg, max_turns=turns[i % len(turns)])
         ng.run_episodes(short, [ep], ng.SimTeacher(cfg), ng.SimCounterparty(cfg), ng.random_emotion_policy())
@@ -76,7 +79,7 @@ def test_prompt_has_emotion_block_and_history(cfg, tiny_lm):
 def test_lm_agent_plays_episodes_in_lock_step(cfg, tiny_lm):
     model, tok = tiny_lm
     dom = cfg.domains["crad"]
-    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:3]]
+    eps = [ng.new_episode(dom, sc, 0) for sc in domains.make_scenarios(dom)[:3]]
     short = dataclasses.replace(cfg, max_turns=4)
     agent = ng.LMAgent(model, tok, short, max_new_tokens=6)
     ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), ng.random_emotion_policy())
@@ -88,27 +91,27 @@ def test_lm_agent_plays_episodes_in_lock_step(cfg, tiny_lm):
 
 
 def test_device_and_dtype_choice(monkeypatch):
-    dev, dtype = emodistill.pick_device_dtype()
+    dev, dtype = models.pick_device_dtype()
     assert dev == ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cpu":
         assert dtype == torch.float32
     monkeypatch.setenv("EMODISTILL_DTYPE", "bfloat16")
-    assert emodistill.pick_device_dtype()[1] == torch.bfloat16
+    assert models.pick_device_dtype()[1] == torch.bfloat16
 
 
 def test_unknown_model_fails_clearly(tmp_path):
     with pytest.raises(RuntimeError, match="cannot load model"):
-        emodistill.load_lm(str(tmp_path / "no-such-model"))
+        models.load_lm(str(tmp_path / "no-such-model"))
 
 
 @pytest.mark.smollm2
 def test_smollm2_loads_offline_and_negotiates(cfg, smollm2):
     model, tok = smollm2
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
-    folder = emodistill.smollm2_folder()
+    folder = models.smollm2_folder()
     assert os.path.exists(os.path.join(folder, ".complete"))
     dom = cfg.domains["crad"]
-    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:2]]
+    eps = [ng.new_episode(dom, sc, 0) for sc in domains.make_scenarios(dom)[:2]]
     agent = ng.LMAgent(model, tok, cfg, max_new_tokens=40, seed=1)
     replies = agent.act(eps, ["gratitude", "anger"])
     assert all(len(r.text.split()) >= 3 for r in replies), replies
@@ -120,9 +123,9 @@ def test_half_written_cache_is_rebuilt(tmp_path, monkeypatch, smollm2):
     half = tmp_path / "SmolLM2-135M-Instruct"
     half.mkdir()
     (half / "config.json").write_text("{ truncated")
-    folder = emodistill.smollm2_folder()
+    folder = models.smollm2_folder()
     assert os.path.exists(os.path.join(folder, ".complete"))
-    model, tok = emodistill.load_lm("smollm2", device="cpu")
+    model, tok = models.load_lm("smollm2", device="cpu")
     ids = tok("Hello", return_tensors="pt").input_ids
     ref, _ = smollm2
     with torch.inference_mode():
@@ -138,7 +141,7 @@ def test_hf_judge_stage_records_scores_or_missing(tmp_path, tiny_lm):
     assert emodistill.main(["collect", "--out", out, "--domains", "student", "--scenarios", "0-1",
                             "--seeds-per-scenario", "1"]) == 0
     assert emodistill.main(["judge", "--out", out, "--judge", f"hf:{folder}"]) == 0
-    recs, _ = emodistill.read_jsonl(os.path.join(out, "judged.jsonl"))
+    recs, _ = runs.read_jsonl(os.path.join(out, "judged.jsonl"))
     focal = [t for r in recs for t in r["turns"] if t["speaker"] == "focal"]
     assert focal and all("judge_answer" in t for t in focal)
     for t in focal:  # a random model rarely writes "SCORE: N": then the score is missing, not 5

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-import negotiate as ng
+import domains
+import offers
 
 
 @pytest.mark.parametrize("unit,lo,hi", [("days", 1, 400), ("minutes", 5, 400), ("clock", -60, 420)])
@@ -12,8 +13,8 @@ def test_format_then_parse_round_trips_every_value_and_wording(unit, lo, hi):
     step = 1 if unit == "days" else 5
     for v in range(lo, hi + 1, step):
         for variant in range(3):
-            text = ng.format_offer(v, unit, variant)
-            assert ng.parse_offer(f"I propose {text}, final answer.", unit) == v, (v, text)
+            text = offers.format_offer(v, unit, variant)
+            assert offers.parse_offer(f"I propose {text}, final answer.", unit) == v, (v, text)
 
 
 @pytest.mark.parametrize("text,unit,want", [
@@ -43,51 +44,51 @@ def test_format_then_parse_round_trips_every_value_and_wording(unit, lo, hi):
     ("Let's say 8:30 PM.", "clock", -30),               # before 9 PM is negative
 ])
 def test_parser_examples(text, unit, want):
-    assert ng.parse_offer(text, unit) == want
+    assert offers.parse_offer(text, unit) == want
 
 
-@pytest.mark.parametrize("unit", ng.UNITS)
+@pytest.mark.parametrize("unit", domains.UNITS)
 def test_no_number_means_no_offer(unit):
-    assert ng.parse_offer("I really need you to work with me here.", unit) is None
-    assert ng.parse_offer("", unit) is None
+    assert offers.parse_offer("I really need you to work with me here.", unit) is None
+    assert offers.parse_offer("", unit) is None
 
 
-@pytest.mark.parametrize("unit", ng.UNITS)
+@pytest.mark.parametrize("unit", domains.UNITS)
 def test_parser_never_crashes_on_junk(unit):
     rng = random.Random(0)
     alphabet = "0123456789 :.-,$%apmdayswekhourinute\n\t\u00e9\u2013ABC" + "".join(map(chr, range(32, 127)))
     for _ in range(3000):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
-        v = ng.parse_offer(s, unit)
+        v = offers.parse_offer(s, unit)
         assert v is None or (isinstance(v, float) and math.isfinite(v)), (s, v)
     for s in ["9" * 400 + " days", "1e308 days", ":" * 50, "99:99 pm", "0:00 am", "13 pm", None, 5]:
-        v = ng.parse_offer(s, unit)
+        v = offers.parse_offer(s, unit)
         assert v is None or math.isfinite(v)
 
 
 def test_accept_and_walk_detection():
-    assert ng.detect_accept("I accept 30 days.")
-    assert ng.detect_accept("All right, you have a deal at 2 hours.")
-    assert ng.detect_accept("Agreed, 10:30 PM it is.")
-    assert not ng.detect_accept("I can't accept 30 days.")
-    assert not ng.detect_accept("I will not agree to that.")
-    assert not ng.detect_accept("That is no deal at all, I'm done.")
+    assert offers.detect_accept("I accept 30 days.")
+    assert offers.detect_accept("All right, you have a deal at 2 hours.")
+    assert offers.detect_accept("Agreed, 10:30 PM it is.")
+    assert not offers.detect_accept("I can't accept 30 days.")
+    assert not offers.detect_accept("I will not agree to that.")
+    assert not offers.detect_accept("That is no deal at all, I'm done.")
     for text in ["I haven't agreed to anything yet.", "I don't think that works for me.", "That is not a good deal.",
                  "That is a terrible deal!", "Is 30 days agreed?", "No, that is not fine with me",
                  "I cannot say that works for me.", "In bed by 11, deal?"]:
-        assert not ng.detect_accept(text), text
-    assert ng.detect_accept("Fine. I accept 45 days; send the papers.")
-    assert ng.detect_walk_away("This is going nowhere; I'm done talking.")
-    assert ng.detect_walk_away("I will walk away now.")
-    assert not ng.detect_walk_away("Let us keep talking about 30 days.")
+        assert not offers.detect_accept(text), text
+    assert offers.detect_accept("Fine. I accept 45 days; send the papers.")
+    assert offers.detect_walk_away("This is going nowhere; I'm done talking.")
+    assert offers.detect_walk_away("I will walk away now.")
+    assert not offers.detect_walk_away("Let us keep talking about 30 days.")
 
 
 def test_sim_replies_are_read_as_their_flags(cfg):
     for dom in cfg.domains.values():
         for s in dom.teacher["accept"] + dom.replies["accept"]:
-            assert ng.detect_accept(s.format(offer=ng.format_offer(30, dom.unit))), s
+            assert offers.detect_accept(s.format(offer=offers.format_offer(30, dom.unit))), s
         for s in dom.replies["walk_away"]:
-            assert ng.detect_walk_away(s), s
+            assert offers.detect_walk_away(s), s
         for s in dom.teacher["offers"] + dom.replies["offer"]:
-            t = s.format(offer=ng.format_offer(30, dom.unit))
-            assert not ng.detect_accept(t) and not ng.detect_walk_away(t), t
+            t = s.format(offer=offers.format_offer(30, dom.unit))
+            assert not offers.detect_accept(t) and not offers.detect_walk_away(t), t

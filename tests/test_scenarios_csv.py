@@ -6,7 +6,10 @@ from dataclasses import replace
 
 import pytest
 
+import domains
+import runs
 import emodistill
+import emomas
 import negotiate as ng
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "emomas")
@@ -32,21 +35,21 @@ def write(tmp_path, rows, name="education_sleep_scenarios.csv"):
 
 def test_split_rejoins_leading_space_cells_only():
     cols, types = ["id", "text", "n"], {"id": "int", "n": "int"}
-    assert ng.split_csv_row(["1", "a", " b", "3"], cols, types) == [{"id": "1", "text": "a, b", "n": "3"}]
+    assert emomas.split_csv_row(["1", "a", " b", "3"], cols, types) == [{"id": "1", "text": "a, b", "n": "3"}]
     # a cell without a leading space never continues the previous one
-    assert ng.split_csv_row(["1", "a", "b", "3"], cols, types) == []
+    assert emomas.split_csv_row(["1", "a", "b", "3"], cols, types) == []
     # two adjacent text columns and one leading-space cell: two readings
-    assert ng.split_csv_row(["x", " y", "z"], ["t1", "t2"], {}) == [{"t1": "x, y", "t2": "z"}]
-    amb = ng.split_csv_row(["x", " y", " z"], ["t1", "t2"], {})
+    assert emomas.split_csv_row(["x", " y", "z"], ["t1", "t2"], {}) == [{"t1": "x, y", "t2": "z"}]
+    amb = emomas.split_csv_row(["x", " y", " z"], ["t1", "t2"], {})
     assert sorted(a["t1"] for a in amb) == ["x", "x, y"]
-    assert ng.split_csv_row(["1", "maybe"], ["id", "yn"], {"id": "int", "yn": ["Yes", "No"]}) == []
-    assert ng.split_csv_row(["1", "no"], ["id", "yn"], {"id": "int", "yn": ["Yes", "No"]})[0]["yn"] == "no"
-    assert ng.split_csv_row(["x", "10:30 PM"], ["t", "c"], {"c": "clock"})[0]["c"] == "10:30 PM"
+    assert emomas.split_csv_row(["1", "maybe"], ["id", "yn"], {"id": "int", "yn": ["Yes", "No"]}) == []
+    assert emomas.split_csv_row(["1", "no"], ["id", "yn"], {"id": "int", "yn": ["Yes", "No"]})[0]["yn"] == "no"
+    assert emomas.split_csv_row(["x", "10:30 PM"], ["t", "c"], {"c": "clock"})[0]["c"] == "10:30 PM"
 
 
 def test_import_fixture_counts_and_reasons(tmp_path, cfg):
     dom = cfg.domains["student"]
-    scs, rep = ng.import_scenarios_csv(dom, write(tmp_path, ROWS))
+    scs, rep = emomas.import_scenarios_csv(dom, write(tmp_path, ROWS))
     assert rep["rows"] == 6 and rep["read"] == 2 and rep["repaired"] == 1
     why = dict(rep["skipped"])
     assert set(why) == {4, 5, 6, 7}                      # file lines of rows 3-6
@@ -59,7 +62,7 @@ def test_import_fixture_counts_and_reasons(tmp_path, cfg):
     assert first.context["occasion"] == "physics Final Tomorrow" and first.context["age"] == "16"
     assert (second.id, second.s0, second.b0) == (1, 45.0, 270.0)
     # what the CSV does not give comes from the generated scenario with the same id
-    gen = ng.make_scenarios(dom)[0]
+    gen = domains.make_scenarios(dom)[0]
     assert first.patience == gen.patience and first.persona == gen.persona
     assert first.context["habit"] == gen.context["habit"]
     frac = (gen.reservation - gen.b0) / (gen.s0 - gen.b0)
@@ -72,24 +75,24 @@ def test_import_fixture_counts_and_reasons(tmp_path, cfg):
 
 def test_imported_scenarios_replace_generated_ones(tmp_path, cfg):
     dom = replace(cfg.domains["student"])
-    dom.imported, _ = ng.import_scenarios_csv(dom, write(tmp_path, ROWS))
-    assert [s.id for s in ng.make_scenarios(dom)] == [0, 1]
+    dom.imported, _ = emomas.import_scenarios_csv(dom, write(tmp_path, ROWS))
+    assert [s.id for s in domains.make_scenarios(dom)] == [0, 1]
     held = next(p.name for p in dom.personas.values() if p.heldout)
-    assert {s.persona for s in ng.make_scenarios(dom, persona="heldout")} == {held}
-    with pytest.raises(ng.DomainConfigError, match="unknown persona"):
-        ng.make_scenarios(dom, persona="nobody")
+    assert {s.persona for s in domains.make_scenarios(dom, persona="heldout")} == {held}
+    with pytest.raises(domains.DomainConfigError, match="unknown persona"):
+        domains.make_scenarios(dom, persona="nobody")
 
 
 def test_import_errors_name_the_problem(tmp_path, cfg):
     dom = cfg.domains["student"]
-    with pytest.raises(ng.ScenarioCsvError, match="file not found"):
-        ng.import_scenarios_csv(dom, str(tmp_path / "missing.csv"))
+    with pytest.raises(emomas.ScenarioCsvError, match="file not found"):
+        emomas.import_scenarios_csv(dom, str(tmp_path / "missing.csv"))
     bad = tmp_path / "bad.csv"
     bad.write_text("Case_ID,Student_Age\n1,16\n")
-    with pytest.raises(ng.ScenarioCsvError, match="Robots_Requested_Bedtime"):
-        ng.import_scenarios_csv(dom, str(bad))
-    with pytest.raises(ng.ScenarioCsvError, match="no 'emomas' section"):
-        ng.import_scenarios_csv(replace(dom, emomas=None), str(bad))
+    with pytest.raises(emomas.ScenarioCsvError, match="Robots_Requested_Bedtime"):
+        emomas.import_scenarios_csv(dom, str(bad))
+    with pytest.raises(emomas.ScenarioCsvError, match="no 'emomas' section"):
+        emomas.import_scenarios_csv(replace(dom, emomas=None), str(bad))
 
 
 def test_emomas_section_is_validated(tmp_path):
@@ -99,13 +102,13 @@ def test_emomas_section_is_validated(tmp_path):
     raw["domains"]["student"]["emomas"]["context"]["mood"] = "{Student_Feeling_Thought}"
     p = tmp_path / "d.yaml"
     p.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ng.DomainConfigError, match="domain 'student' emomas.context: unknown context field 'mood'"):
-        ng.load_config(str(p))
+    with pytest.raises(domains.DomainConfigError, match="domain 'student' emomas.context: unknown context field 'mood'"):
+        domains.load_config(str(p))
     raw["domains"]["student"]["emomas"]["context"].pop("mood")
     raw["domains"]["student"]["emomas"]["columns"]["Student_Age"] = "integer"
     p.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ng.DomainConfigError, match="emomas.columns.Student_Age"):
-        ng.load_config(str(p))
+    with pytest.raises(domains.DomainConfigError, match="emomas.columns.Student_Age"):
+        domains.load_config(str(p))
 
 
 def test_cli_collect_and_eval_on_imported_scenarios(tmp_path, capsys):
@@ -119,7 +122,7 @@ def test_cli_collect_and_eval_on_imported_scenarios(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "100 rows, 99 read (0 repaired, 20 of them test scenarios), 1 skipped" in printed
     assert "line 5: column 'Student_Wanted_Bedtime'" in printed
-    recs, _ = emodistill.read_jsonl(os.path.join(out, "corpus.jsonl"))
+    recs, _ = runs.read_jsonl(os.path.join(out, "corpus.jsonl"))
     assert sorted(r["scenario_id"] for r in recs) == [0, 1, 2, 4, 5]      # id 3 was skipped
     assert all(r["context"]["occasion"] == f"exam number {r['scenario_id']}" for r in recs)
     with open(os.path.join(out, "scenarios_import.json")) as f:
@@ -142,7 +145,7 @@ def test_shared_emomas_csvs(cfg):
     """The published files: how many rows each domain recovers (the numbers in the README)."""
     got = {}
     for d, dom in cfg.domains.items():
-        scs, rep = ng.import_scenarios_csv(dom, os.path.join(SHARED, dom.emomas["file"]))
+        scs, rep = emomas.import_scenarios_csv(dom, os.path.join(SHARED, dom.emomas["file"]))
         assert rep["read"] + len(rep["skipped"]) == rep["rows"] == 100
         assert len({s.id for s in scs}) == len(scs)
         for s in scs:
@@ -157,7 +160,7 @@ def test_domains_hash_ignores_only_the_emomas_and_swap_sections(tmp_path):
     adding the importer's mapping or the role swap leaves old runs valid."""
     from conftest import DOMAINS_FILE
     text = open(DOMAINS_FILE).read()
-    stripped = emodistill._without_sections(text, ("emomas", "swap"))
+    stripped = runs.without_sections(text, ("emomas", "swap"))
     assert "emomas:" in text and "emomas:" not in stripped and "Creditor Target Days" not in stripped
     assert "swap:" in text and "swap:" not in stripped and "talk to my lawyer" in stripped
     assert "the account goes to formal collection" in text and "the account goes to formal collection" not in stripped
@@ -166,10 +169,10 @@ def test_domains_hash_ignores_only_the_emomas_and_swap_sections(tmp_path):
     a.write_text(text)
     b.write_text(stripped)
     c.write_text(stripped.replace("max_turns: 30", "max_turns: 28"))
-    assert emodistill._domains_sha(str(a)) == emodistill._domains_sha(str(b)) != emodistill._domains_sha(str(c))
+    assert runs.domains_sha(str(a)) == runs.domains_sha(str(b)) != runs.domains_sha(str(c))
     # the counterparty side is built from the swap sections, so they count there
-    assert emodistill._domains_sha(str(a), "counterparty") != emodistill._domains_sha(str(a))
+    assert runs.domains_sha(str(a), "counterparty") != runs.domains_sha(str(a))
     d = tmp_path / "d.yaml"
     d.write_text(text.replace("the account goes to formal collection", "the file goes to formal collection"))
-    assert emodistill._domains_sha(str(d)) == emodistill._domains_sha(str(a))
-    assert emodistill._domains_sha(str(d), "counterparty") != emodistill._domains_sha(str(a), "counterparty")
+    assert runs.domains_sha(str(d)) == runs.domains_sha(str(a))
+    assert runs.domains_sha(str(d), "counterparty") != runs.domains_sha(str(a), "counterparty")

@@ -1,20 +1,23 @@
-"""SFT (SPEC §7): the response-only mask on the real chat template, the training prompt equals
-the inference prompt, the loss pieces, turn selection by advantage, and exact resumption."""
+"""The paper's SFT on the top-K% advantage turns: the response-only mask on the real chat
+template, the training prompt equals the inference prompt, the loss pieces, turn selection by
+advantage, and exact resumption after a kill."""
 import copy
 import dataclasses
 
 import pytest
 import torch
 
+import domains
 import emodistill
 import lora
 import negotiate as ng
+from conftest import Killed
 
 
 def _played(cfg, model, tok, emotion_free, n=2, max_turns=6):
     """Episodes played by an LMAgent, with every prompt it rendered recorded per episode."""
     dom = cfg.domains["hospital"]
-    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:n]]
+    eps = [ng.new_episode(dom, sc, 0) for sc in domains.make_scenarios(dom)[:n]]
     short = dataclasses.replace(cfg, max_turns=max_turns)
     agent = ng.LMAgent(model, tok, short, max_new_tokens=6, emotion_free=emotion_free)
     seen = {ep.key: [] for ep in eps}
@@ -47,7 +50,7 @@ def test_training_prompt_is_the_inference_prompt(cfg, tiny_lm, emotion_free):
 def test_response_mask_covers_exactly_the_response_on_the_real_template(cfg, smollm2):
     _, tok = smollm2
     dom = cfg.domains["student"]
-    ep = ng.new_episode(dom, ng.make_scenarios(dom)[3], 0)
+    ep = ng.new_episode(dom, domains.make_scenarios(dom)[3], 0)
     ng.run_episodes(dataclasses.replace(cfg, max_turns=5), [ep], ng.SimTeacher(cfg),
                     ng.SimCounterparty(cfg), ng.random_emotion_policy())
     rec = ng.to_record(ep)
@@ -151,7 +154,7 @@ def test_sft_lowers_the_loss_and_trains_only_lora(tiny_lm):
             assert torch.equal(p, base[n]), n
 
 
-def test_sft_resumes_exactly(tiny_lm, tmp_path):
+def test_sft_resumes_exactly(tiny_lm, tmp_path, kill_after):
     tok = tiny_lm[1]
     exs = _examples(tok, 20)
     cfg = lora.SFTConfig(r=4, alpha=8, dropout=0.1, lr=3e-3, epochs=2, batch_size=4, eval_every=1, patience=100)
@@ -166,8 +169,10 @@ def test_sft_resumes_exactly(tiny_lm, tmp_path):
     lora.train_sft(a, exs, tok.pad_token_id, cfg, ckpt=str(tmp_path / "a.pt"), log=lambda *_: None)
     b = fresh()
     ck = str(tmp_path / "b.pt")
-    stopped = lora.train_sft(b, exs, tok.pad_token_id, cfg, ckpt=ck, log=lambda *_: None, stop_after=3)
-    assert stopped["stopped"] == "stop_after" and stopped["step"] == 3
+    kill_after(3)
+    with pytest.raises(Killed):
+        lora.train_sft(b, exs, tok.pad_token_id, cfg, ckpt=ck, log=lambda *_: None)
+    assert torch.load(ck, weights_only=False)["state"]["step"] == 3
     b = fresh()                                   # a new process: only the checkpoint survives
     lora.train_sft(b, exs, tok.pad_token_id, cfg, ckpt=ck, log=lambda *_: None)
     for (na, ma), (nb, mb) in zip(lora.lora_modules(a).items(), lora.lora_modules(b).items()):
@@ -176,7 +181,7 @@ def test_sft_resumes_exactly(tiny_lm, tmp_path):
         lora.train_sft(fresh(), exs[:-1], tok.pad_token_id, cfg, ckpt=ck, log=lambda *_: None)
 
 
-def test_sft_jpo_eval_stages_on_a_tiny_model(tmp_path, tiny_lm, capsys):
+def test_sft_jpo_eval_stages_on_a_tiny_model(tmp_path, tiny_lm, capsys, kill_after):
     """collect -> judge -> iql -> sft (both) -> jpo (both) -> eval of every adapter method,
     with a tiny random student saved as a local folder."""
     import json
@@ -194,8 +199,10 @@ def test_sft_jpo_eval_stages_on_a_tiny_model(tmp_path, tiny_lm, capsys):
     assert "run iql first" in capsys.readouterr().err
     assert run(["iql", "--out", out, "--steps", "20"]) == 0
     small = ["--student", student, "--max-examples", "8", "--epochs", "1", "--batch-size", "4"]
-    # interrupted after one step, then resumed to the end
-    assert run(["sft", "--out", out, *small, "--stop-after", "1"]) == 0
+    # killed after one step, then resumed to the end
+    kill_after(1)
+    with pytest.raises(Killed):
+        run(["sft", "--out", out, *small])
     assert not os.path.exists(os.path.join(out, "sft", "adapter_config.json"))
     assert run(["sft", "--out", out, *small]) == 0
     assert "resuming from step" in capsys.readouterr().out

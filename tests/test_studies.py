@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import report
 import emodistill
 import negotiate as ng
 
@@ -113,7 +114,7 @@ def test_results_report_checks_the_papers_orderings_per_domain():
                "emodistill": recs({"crad": [0.3, 0.1], "hospital": [0.1, 0.1]}),
                "jpo-emotion-free": recs({"crad": [0.3, 0.1], "hospital": [0.0, 0.1]})}
     methods = ["teacher-iql", "vanilla", "iql", "iql+sft", "emodistill", "jpo-emotion-free"]
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in emodistill.ordering_lines(results, methods, ["crad", "hospital"])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in report.ordering_lines(results, methods, ["crad", "hospital"])
             if line.startswith("| ") and " of 2 |" in line}
     assert set(rows) == {"iql ≥ vanilla", "iql+sft ≥ iql", "emodistill ≥ iql+sft", "emodistill > jpo-emotion-free"}
     assert rows["iql ≥ vanilla"].endswith("| 1 of 2 |") and "+0.100 [+0.000, +0.200]" in rows["iql ≥ vanilla"]
@@ -121,5 +122,5 @@ def test_results_report_checks_the_papers_orderings_per_domain():
     assert rows["iql+sft ≥ iql"].endswith("| 2 of 2 |")                     # a tie holds for >=
     assert rows["emodistill > jpo-emotion-free"].endswith("| 1 of 2 |")     # ... but not for >
     # a pair with a row that did not run is left out; no pair at all, no section
-    assert not any("jpo-emotion-free" in line for line in emodistill.ordering_lines(results, methods[:-1], ["crad"]))
-    assert emodistill.ordering_lines(results, ["vanilla", "teacher-iql"], ["crad"]) == []
+    assert not any("jpo-emotion-free" in line for line in report.ordering_lines(results, methods[:-1], ["crad"]))
+    assert report.ordering_lines(results, ["vanilla", "teacher-iql"], ["crad"]) == []

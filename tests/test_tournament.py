@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+import domains
+import runs
 import emodistill
 import negotiate as ng
 from conftest import DOMAINS_FILE
@@ -12,7 +14,7 @@ from conftest import DOMAINS_FILE
 
 @pytest.fixture(scope="module")
 def cp_cfg():
-    return ng.load_config(DOMAINS_FILE, side="counterparty")
+    return domains.load_config(DOMAINS_FILE, side="counterparty")
 
 
 def test_swapped_domains_trade_roles_direction_ranges_and_texts(cfg, cp_cfg):
@@ -26,7 +28,7 @@ def test_swapped_domains_trade_roles_direction_ranges_and_texts(cfg, cp_cfg):
         assert s.teacher["accept"] == d.replies["accept"] and s.replies["accept"] == d.teacher["accept"]
         assert s.replies["walk_away"] != d.replies["walk_away"]          # from the swap: section
         assert s.personas == d.personas and s.effects == d.effects      # dynamics kept (see swap_domain)
-        for sc in ng.make_scenarios(s)[:10]:                              # its own direction holds
+        for sc in domains.make_scenarios(s)[:10]:                              # its own direction holds
             assert (sc.s0 < sc.b0) == (s.focal_prefers == "lower")
             assert min(sc.s0, sc.b0) <= sc.reservation <= max(sc.s0, sc.b0)
 
@@ -39,17 +41,17 @@ def test_swap_section_errors_are_named(tmp_path):
     j = text.index("        walk_away:", i)
     k = text.index("        displayed:", j)
     bad.write_text(text[:j] + text[k:])
-    for side in ng.SIDES:
+    for side in domains.SIDES:
         with pytest.raises(ng.DomainConfigError, match=r"domain 'crad'.*walk_away.*role-swapped"):
-            ng.load_config(str(bad), side=side)
+            domains.load_config(str(bad), side=side)
     # no swap section at all: fine for the focal side, a clear error for the counterparty side
     none = tmp_path / "none.yaml"
-    none.write_text(emodistill._without_sections(text, ("swap",)))
-    assert set(ng.load_config(str(none)).domains) == {"crad", "disaster", "hospital", "student"}
+    none.write_text(runs.without_sections(text, ("swap",)))
+    assert set(domains.load_config(str(none)).domains) == {"crad", "disaster", "hospital", "student"}
     with pytest.raises(ng.DomainConfigError, match="domain 'crad': no 'swap' section"):
-        ng.load_config(str(none), side="counterparty")
+        domains.load_config(str(none), side="counterparty")
     with pytest.raises(ng.DomainConfigError, match="side must be"):
-        ng.load_config(DOMAINS_FILE, side="buyer")
+        domains.load_config(DOMAINS_FILE, side="buyer")
 
 
 class Recorder:
@@ -68,7 +70,7 @@ class Recorder:
 
 def test_mirrored_agent_sees_the_swapped_episode(cfg, cp_cfg):
     dom = cfg.domains["crad"]
-    sc = ng.make_scenarios(dom)[80]
+    sc = domains.make_scenarios(dom)[80]
     ep = ng.new_episode(dom, sc, 0)
     rec = Recorder(lambda m: m.sc.s0)                 # always its own target
     cp = ng.MirroredAgent(rec, cp_cfg, ng.fixed_emotion_policy("sadness"))
@@ -90,7 +92,7 @@ def test_a_mirrored_sim_teacher_opens_at_the_counterparty_target(cfg, cp_cfg):
     side opens there and concedes toward the focal side, never past its opening."""
     eps = []
     for d, dom in cfg.domains.items():
-        eps += [ng.new_episode(dom, sc, k) for sc in ng.make_scenarios(dom)[80:90] for k in range(3)]
+        eps += [ng.new_episode(dom, sc, k) for sc in domains.make_scenarios(dom)[80:90] for k in range(3)]
     ng.run_episodes(cfg, eps, ng.SimTeacher(cfg), ng.MirroredAgent(ng.SimTeacher(cp_cfg), cp_cfg,
                                                                      ng.random_emotion_policy()))
     for ep in eps:

@@ -1,13 +1,16 @@
 """Property tests of the simulated world: scenarios, utility direction, the counterparty, the
-phrase banks, the judge, and the SPEC §4 requirement that emotion *scheduling* matters."""
+phrase banks, the judge, and the paper's premise that emotion *scheduling* matters."""
 import numpy as np
 import pytest
 
+import domains
 import negotiate as ng
+import offers
+import report
 
 
 def test_config_has_everything(cfg):
-    assert list(cfg.emotions) == ng.EMOTIONS and len(ng.EMOTIONS) == 28
+    assert list(cfg.emotions) == domains.EMOTIONS and len(domains.EMOTIONS) == 28
     assert set(cfg.domains) == {"crad", "disaster", "hospital", "student"}
     for dom in cfg.domains.values():
         assert len(dom.train_personas) >= 3
@@ -18,12 +21,12 @@ def test_config_has_everything(cfg):
 
 def test_scenarios_are_deterministic_and_split(cfg):
     for dom in cfg.domains.values():
-        a, b = ng.make_scenarios(dom, seed=0), ng.make_scenarios(dom, seed=0)
+        a, b = domains.make_scenarios(dom, seed=0), domains.make_scenarios(dom, seed=0)
         assert a == b and len(a) == 100
         assert [s.split for s in a].count("train") == 80 and all(s.split == "test" for s in a[80:])
-        assert ng.make_scenarios(dom, seed=1) != a
+        assert domains.make_scenarios(dom, seed=1) != a
         held = next(p.name for p in dom.personas.values() if p.heldout)
-        c = ng.make_scenarios(dom, seed=0, persona=held)
+        c = domains.make_scenarios(dom, seed=0, persona=held)
         assert all(x.persona == held for x in c)
         assert [(x.s0, x.b0, x.reservation) for x in c] == [(x.s0, x.b0, x.reservation) for x in a]
         for s in a:  # reservation strictly between the two openings
@@ -33,7 +36,7 @@ def test_scenarios_are_deterministic_and_split(cfg):
 
 def test_utility_direction_in_every_domain(cfg):
     for dom in cfg.domains.values():
-        for s in ng.make_scenarios(dom):
+        for s in domains.make_scenarios(dom):
             assert ng.utility_of(s.s0, s.s0, s.b0) == 1.0
             assert ng.utility_of(s.b0, s.s0, s.b0) == 0.0
             assert ng.utility_of((s.s0 + s.b0) / 2, s.s0, s.b0) == pytest.approx(0.5)
@@ -54,14 +57,14 @@ class Stubborn:
         out = []
         for ep, e in zip(eps, emotions):
             phrase = self.cfg.emotions[e]["phrases"][ep.t % 6]
-            out.append(ng.Reply(f"{phrase} I want {ng.format_offer(ep.sc.s0, ep.dom.unit)}."))
+            out.append(ng.Reply(f"{phrase} I want {offers.format_offer(ep.sc.s0, ep.dom.unit)}."))
         return out
 
 
 def test_counterparty_never_passes_reservation_nor_moves_backward(cfg):
     cp = ng.SimCounterparty(cfg)
     for dom in cfg.domains.values():
-        eps = [ng.new_episode(dom, sc, k) for sc in ng.make_scenarios(dom) for k in range(3)]
+        eps = [ng.new_episode(dom, sc, k) for sc in domains.make_scenarios(dom) for k in range(3)]
         ng.run_episodes(cfg, eps, Stubborn(cfg), cp, ng.random_emotion_policy())
         for ep in eps:
             sc = ep.sc
@@ -79,7 +82,7 @@ def test_counterparty_never_passes_reservation_nor_moves_backward(cfg):
 
 def _one_turn_episode(cfg, text, label):
     dom = cfg.domains["crad"]
-    ep = ng.new_episode(dom, ng.make_scenarios(dom)[3], 0)
+    ep = ng.new_episode(dom, domains.make_scenarios(dom)[3], 0)
     ep.turns.append({"speaker": "focal", "text": text, "emotion": label, "offer": dom.s0[0]})
     ep.offers["focal"] = float(dom.s0[0])
     return ep
@@ -112,7 +115,7 @@ def test_every_teacher_phrase_is_perceived_as_its_emotion(cfg):
 
 
 def _mean_utility(cfg, dom, policy, seeds=2):
-    eps = [ng.new_episode(dom, sc, k) for sc in ng.make_scenarios(dom)[:80] for k in range(seeds)]
+    eps = [ng.new_episode(dom, sc, k) for sc in domains.make_scenarios(dom)[:80] for k in range(seeds)]
     ng.run_episodes(cfg, eps, ng.SimTeacher(cfg), ng.SimCounterparty(cfg), policy)
     return float(np.mean([ng.outcome(ep)["utility"] for ep in eps]))
 
@@ -123,8 +126,8 @@ def _phase_schedule(dom):
     mid = sum(dom.patience) / 2
     best = []
     for ph in range(3):
-        score = {e: dom.effects.get(e, [0] * 3)[ph] - 5 * dom.hazard.get(e, [0] * 3)[ph] for e in ng.EMOTIONS}
-        best.append(sorted(ng.EMOTIONS, key=lambda e: -score[e])[:3])
+        score = {e: dom.effects.get(e, [0] * 3)[ph] - 5 * dom.hazard.get(e, [0] * 3)[ph] for e in domains.EMOTIONS}
+        best.append(sorted(domains.EMOTIONS, key=lambda e: -score[e])[:3])
 
     def choose(eps):
         return [best[ng.SimCounterparty.phase(ep.t // 2, mid)][(ep.t // 2) % 3] for ep in eps]
@@ -133,9 +136,9 @@ def _phase_schedule(dom):
 
 @pytest.mark.parametrize("domain", ["crad", "disaster", "hospital", "student"])
 def test_state_dependent_schedule_beats_best_fixed_emotion(cfg, domain):
-    """SPEC §4: no single fixed emotion is optimal throughout an episode (train split)."""
+    """The paper's premise: no single fixed emotion is optimal throughout an episode (train split)."""
     dom = cfg.domains[domain]
-    fixed = {e: _mean_utility(cfg, dom, ng.fixed_emotion_policy(e)) for e in ng.EMOTIONS}
+    fixed = {e: _mean_utility(cfg, dom, ng.fixed_emotion_policy(e)) for e in domains.EMOTIONS}
     best = max(fixed, key=fixed.get)
     sched = _mean_utility(cfg, dom, _phase_schedule(dom))
     print(f"{domain}: best fixed {best} {fixed[best]:.3f}, schedule {sched:.3f}")
@@ -144,7 +147,7 @@ def test_state_dependent_schedule_beats_best_fixed_emotion(cfg, domain):
 
 def test_judge_components_and_range(cfg):
     dom = cfg.domains["hospital"]
-    eps = [ng.new_episode(dom, sc, 0) for sc in ng.make_scenarios(dom)[:40]]
+    eps = [ng.new_episode(dom, sc, 0) for sc in domains.make_scenarios(dom)[:40]]
     ng.run_episodes(cfg, eps, ng.SimTeacher(cfg), ng.SimCounterparty(cfg), ng.random_emotion_policy())
     seen_walk = False
     for ep in eps:
@@ -168,10 +171,10 @@ def test_judge_components_and_range(cfg):
 
 
 def test_bootstrap_ci():
-    assert ng.bootstrap_ci([0.5] * 10) == (0.5, 0.5, 0.5)
-    m, lo, hi = ng.bootstrap_ci(np.arange(100) / 100)
+    assert report.bootstrap_ci([0.5] * 10) == (0.5, 0.5, 0.5)
+    m, lo, hi = report.bootstrap_ci(np.arange(100) / 100)
     assert lo < m < hi and m == pytest.approx(0.495)
-    assert all(x != x for x in ng.bootstrap_ci([]))
+    assert all(x != x for x in report.bootstrap_ci([]))
 
 
 def _rec(domain, sid, u, seed=0):
@@ -181,13 +184,13 @@ def _rec(domain, sid, u, seed=0):
 def test_paired_diff_ci_matches_episodes_and_ignores_unmatched():
     a = [_rec("crad", 80, 0.5), _rec("crad", 81, 0.2), _rec("crad", 82, 0.0), _rec("crad", 83, 0.9)]
     b = [_rec("crad", 82, 0.3), _rec("crad", 80, 0.1), _rec("crad", 81, 0.2), _rec("crad", 84, 0.0)]
-    m, lo, hi, n = ng.paired_diff_ci(a, b)
+    m, lo, hi, n = report.paired_diff_ci(a, b)
     assert n == 3 and m == pytest.approx((0.4 + 0.0 - 0.3) / 3)    # 83 and 84 have no partner
     assert -0.3 - 1e-9 <= lo <= m <= hi <= 0.4 + 1e-9
     # a constant difference has a zero-width interval; another seed of the same scenario is another pair
-    m, lo, hi, n = ng.paired_diff_ci([_rec("x", 1, 0.3), _rec("x", 1, 0.5, seed=1)], [_rec("x", 1, 0.1), _rec("x", 1, 0.3, seed=1)])
+    m, lo, hi, n = report.paired_diff_ci([_rec("x", 1, 0.3), _rec("x", 1, 0.5, seed=1)], [_rec("x", 1, 0.1), _rec("x", 1, 0.3, seed=1)])
     assert n == 2 and (m, lo, hi) == pytest.approx((0.2, 0.2, 0.2))
-    assert ng.paired_diff_ci(a, [_rec("student", 80, 0.1)])[3] == 0
+    assert report.paired_diff_ci(a, [_rec("student", 80, 0.1)])[3] == 0
 
 
 def test_a_model_restating_the_other_offer_is_not_read_as_its_offer(cfg):
@@ -195,7 +198,7 @@ def test_a_model_restating_the_other_offer_is_not_read_as_its_offer(cfg):
     long") must not converge on that number; the same words from a simulated agent (whose
     offers are known from its templates) and an acceptance still count."""
     dom = cfg.domains["crad"]
-    sc = ng.make_scenarios(dom)[80]
+    sc = domains.make_scenarios(dom)[80]
     per = ng.Perceiver(cfg.emotions)
 
     def play(focal_reply):
@@ -212,5 +215,5 @@ def test_a_model_restating_the_other_offer_is_not_read_as_its_offer(cfg):
     ep = play(ng.Reply("150 days is far too long for us."))          # a template: taken as said
     assert ep.turns[-1]["offer"] == 150 and ep.end == "converged"
     text = "All right, I accept 150 days."
-    ep = play(ng.Reply(text, accept=ng.detect_accept(text), free_text=True))
+    ep = play(ng.Reply(text, accept=offers.detect_accept(text), free_text=True))
     assert ep.end == "accept" and ep.agreement == 150
