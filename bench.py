@@ -1,5 +1,5 @@
 """Throughput on this machine, printed as numbers: `python emodistill.py bench`. Not needed to
-follow the paper; the README's speed figures and the notebook's measurements come from here.
+follow the paper; the speed measurements in docs/notebook.md come from here.
 """
 from __future__ import annotations
 

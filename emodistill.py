@@ -209,27 +209,6 @@ def _adapter_stage(out, stage, name, settings, force, retrain_stale=False):
     return ckpt
 
 
-def select_sft_turns(records, adv, where, top_k, max_examples, seed):
-    """The focal turns to imitate: per domain, the top `top_k` percent by advantage; when that
-    is more than `max_examples` in all, a seeded random sample of them, the same number per
-    domain. Per domain so that a domain with larger advantages does not crowd out the others.
-    Returns (record index, turn index, advantage) triples."""
-    import numpy as np
-    by_dom = {}
-    for (ri, ti), a in zip(where, adv):
-        by_dom.setdefault(records[ri]["domain"], []).append((float(a), ri, ti))
-    rng = np.random.default_rng(seed)
-    cap = max(1, max_examples // len(by_dom)) if max_examples else None
-    picked = []
-    for d in sorted(by_dom):
-        rows = sorted(by_dom[d], key=lambda x: (-x[0], x[1], x[2]))
-        keep = rows[:max(1, math.ceil(len(rows) * top_k / 100))]
-        if cap and len(keep) > cap:
-            keep = [keep[i] for i in sorted(rng.choice(len(keep), cap, replace=False))]
-        picked += [(ri, ti, a) for a, ri, ti in keep]
-    return picked
-
-
 def sft_prompt(cfg, tok, rec, turn_index, emotion_free=False):
     """The exact text LMAgent feeds the model before focal turn `turn_index` of `rec`."""
     ep = ng.episode_from_record(cfg, rec, turn_index)
@@ -265,7 +244,7 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
     records = [rec for rec in records if rec["domain"] in spec["domains"]]
     data = iql.transitions(records, spec["domains"], iql.IQLConfig(**spec["config"]), spec["max_turns"])
     adv = iql.advantages(model_q, data, spec["config"]["gamma"]).tolist()
-    picked = select_sft_turns(records, adv, data["where"], top_k, max_examples, seed)
+    picked = lora.select_sft_turns(records, adv, data["where"], top_k, max_examples, seed)
     model, tok = load_lm(student)
     rows = [{"key": records[ri]["key"], "turn": ti, "domain": records[ri]["domain"],
              "emotion": records[ri]["turns"][ti].get("emotion"), "advantage": round(a, 4),
@@ -302,27 +281,6 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
     return folder
 
 
-def select_jpo_turns(records, scenarios_per_domain, group_size, seed):
-    """Offline groups for JPO: per domain, `scenarios_per_domain` training scenarios drawn at
-    random, and in each `group_size` judged focal turns drawn at random from all of that
-    scenario's trajectories. Returns (record index, turn index, group key) triples."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    pool = {}
-    for ri, rec in enumerate(records):
-        for ti, t in enumerate(rec["turns"]):
-            if t["speaker"] == "focal" and t.get("score") is not None and t.get("emotion"):
-                pool.setdefault((rec["domain"], rec["scenario_id"]), []).append((ri, ti))
-    picked = []
-    for d in sorted({k[0] for k in pool}):
-        keys = sorted(k for k in pool if k[0] == d)
-        for k in [keys[i] for i in sorted(rng.choice(len(keys), min(scenarios_per_domain, len(keys)), replace=False))]:
-            turns = pool[k]
-            pick = rng.choice(len(turns), min(group_size, len(turns)), replace=False)
-            picked += [(turns[i][0], turns[i][1], f"{k[0]}-{k[1]}") for i in sorted(pick)]
-    return picked
-
-
 def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", student="smollm2", emotion_free=False,
               name=None, scenarios_per_domain=8, group_size=4, epochs=2.0, lr=2e-4, clip_eps=0.2, kl_coef=0.04,
               batch_size=8, grad_accum=1, seed=0, on_bad_line="error", force=False):
@@ -350,7 +308,7 @@ def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", stu
         return folder
     # load: groups of judged offline turns, and the SFT adapter (also the frozen reference)
     records = [rec for rec in load_judged(out, on_bad_line) if rec["domain"] in cfg.domains]
-    picked = select_jpo_turns(records, scenarios_per_domain, group_size, seed)
+    picked = jpo.select_jpo_turns(records, scenarios_per_domain, group_size, seed)
     if not picked:
         raise StageError("no judged focal turns to optimise on")
     model, tok = load_lm(student)

@@ -8,7 +8,7 @@ on the judged corpus, with no live negotiation. The method is Discrete IQL (Kost
   pi(a|s)  <- advantage-weighted regression, weights exp(beta (Q_target - V)) clipped at 100
 Emotions never seen in the corpus are masked out of the policy.
 
-Reward (documented in the README as well): every focal turn earns its judge score mapped from
+Reward: every focal turn earns its judge score mapped from
 [1, 10] to [-1, 1]; the last focal turn of a trajectory additionally earns the episode outcome,
 `outcome_weight * utility` for an agreement or `-fail_penalty` for no deal.
 

@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import lora
@@ -41,6 +42,26 @@ class JPOConfig:
     max_grad_norm: float = 1.0   # gradient-norm clip
     max_len: int = 2048          # longer examples lose prompt tokens from the left
     seed: int = 0                # batch order
+
+
+def select_jpo_turns(records, scenarios_per_domain, group_size, seed):
+    """Offline groups for JPO (the paper's groups: one scenario a group): per domain,
+    `scenarios_per_domain` training scenarios drawn at random, and in each `group_size` judged focal turns drawn at random from all of that
+    scenario's trajectories. Returns (record index, turn index, group key) triples."""
+    rng = np.random.default_rng(seed)
+    pool = {}
+    for ri, rec in enumerate(records):
+        for ti, t in enumerate(rec["turns"]):
+            if t["speaker"] == "focal" and t.get("score") is not None and t.get("emotion"):
+                pool.setdefault((rec["domain"], rec["scenario_id"]), []).append((ri, ti))
+    picked = []
+    for d in sorted({k[0] for k in pool}):
+        keys = sorted(k for k in pool if k[0] == d)
+        for k in [keys[i] for i in sorted(rng.choice(len(keys), min(scenarios_per_domain, len(keys)), replace=False))]:
+            turns = pool[k]
+            pick = rng.choice(len(turns), min(group_size, len(turns)), replace=False)
+            picked += [(turns[i][0], turns[i][1], f"{k[0]}-{k[1]}") for i in sorted(pick)]
+    return picked
 
 
 # ----------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -204,6 +205,26 @@ class SFTConfig:
     seed: int = 0                # held-out split, batch order and dropout
 
 
+def select_sft_turns(records, adv, where, top_k, max_examples, seed):
+    """The focal turns to imitate: per domain, the top `top_k` percent by advantage; when that
+    is more than `max_examples` in all, a seeded random sample of them, the same number per
+    domain. Per domain so that a domain with larger advantages does not crowd out the others.
+    Returns (record index, turn index, advantage) triples."""
+    by_dom = {}
+    for (ri, ti), a in zip(where, adv):
+        by_dom.setdefault(records[ri]["domain"], []).append((float(a), ri, ti))
+    rng = np.random.default_rng(seed)
+    cap = max(1, max_examples // len(by_dom)) if max_examples else None
+    picked = []
+    for d in sorted(by_dom):
+        rows = sorted(by_dom[d], key=lambda x: (-x[0], x[1], x[2]))
+        keep = rows[:max(1, math.ceil(len(rows) * top_k / 100))]
+        if cap and len(keep) > cap:
+            keep = [keep[i] for i in sorted(rng.choice(len(keep), cap, replace=False))]
+        picked += [(ri, ti, a) for a, ri, ti in keep]
+    return picked
+
+
 def encode_example(tok, prompt, response):
     """Token ids and labels for one example: labels are -100 on the prompt and equal to the
     ids on the response followed by the end-of-turn token, so the loss covers exactly what
@@ -252,7 +273,7 @@ def token_logprobs(model, batch):
         # right padding only (what `collate` makes): causal attention never looks to the right,
         # so the pads cannot change a real token and need no mask. Without one, attention takes
         # its causal fast path: on a 2-core CPU a batch of 8 x 999 tokens trains ~20% faster
-        # and peaks at 12 GB instead of 21 GB (see README, "Speed").
+        # and peaks at 12 GB instead of 21 GB (docs/notebook.md, "Training without an attention mask").
         am = None
     head = model.get_output_embeddings()
     if head is None or getattr(model.config, "final_logit_softcapping", None) or \

@@ -23,7 +23,7 @@ Additions the paper does not have (so everything runs offline): `SimTeacher`, a 
 teacher, and `SimCounterparty`, an emotion-sensitive concession model that perceives the
 focal agent's emotion from the *text* through a cue lexicon (it never sees the label).
 An optional turn reminder (`defaults.turn_reminder`, off by default) closes every focal LLM
-prompt, with or without an emotion block; the README's runs/v6 measures what it does.
+prompt, with or without an emotion block; runs/v6 in docs/notebook.md measures what it does.
 
 For the trained-vs-trained tournament every domain can be turned around (`swap_domain`,
 `load_config(side="counterparty")`): the old counterparty becomes the focal side that the
@@ -217,7 +217,7 @@ def outcome(ep):
 
 
 def to_record(ep):
-    """One trajectory as a JSON-ready dict (the corpus schema; see README)."""
+    """One trajectory as a JSON-ready dict (the corpus schema)."""
     sc = ep.sc
     return {"key": ep.key, "domain": ep.dom.key, "scenario_id": sc.id, "split": sc.split, "seed": ep.seed,
             "persona": sc.persona, "unit": ep.dom.unit, "focal_prefers": ep.dom.focal_prefers,

@@ -3,7 +3,7 @@ renderer (`format_offer`) and the accept / walk-away detectors.
 
 Where the paper's reference code reads offers with an LLM call, here one deterministic regex
 parser reads each message (cached), and the same parser is used in collection, training and
-evaluation. Its rules are listed in `parse_offer` and in the README.
+evaluation. Its rules are listed in `parse_offer`.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _clock_to_minutes(h, m, ampm):
 def parse_offer(text, unit):
     """The offer stated in `text`, in the domain's unit, or None.
 
-    Rules (deterministic, documented in the README):
+    Rules (deterministic):
       * days:    "45 days", "3 weeks" (21), "2 months" (60), "48 hours" (2), number words too;
       * minutes: "90 minutes", "2 hours" (120), "1.5 hours", "an hour and a half", "half an hour";
       * clock:   "10:30 PM" -> 90 (minutes after 9 PM), "11pm", "22:30", "midnight" -> 180,

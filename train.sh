@@ -4,7 +4,7 @@
 # was made with the same settings and inputs (FORCE=1 redoes all). RUN=runs/NAME picks the run
 # folder. With JOBS=2 the same stages run in two lanes side by side: lanes.sh.
 #
-# PROFILE=quick (default) is sized for a 2-core CPU (see README for its measured wall time);
+# PROFILE=quick (default) is sized for a 2-core CPU (docs/notebook.md has its measured wall time);
 # PROFILE=paper is the paper-size run for a GPU: 80 scenarios x 50 seeds per domain, IQL 20k
 # steps, SFT on the full top 10%, JPO on every training scenario, 5 eval seeds.
 # Any setting below can be overridden from the environment, e.g. SEEDS=50 bash train.sh.
@@ -73,7 +73,7 @@ eval_some() {  # eval_some LIST [NAME]: evaluate the methods of LIST that are in
 
 # ----------------------------------------------------------------------------------------
 # The stages, one function each: what it makes, and roughly what it costs (quick profile on
-# 2 CPU cores; the times are the README's runs/v4, two lanes sharing the cores)
+# 2 CPU cores; the times are runs/v4 in docs/notebook.md, two lanes sharing the cores)
 # ----------------------------------------------------------------------------------------
 
 # SimTeacher vs SimCounterparty on the 80 training scenarios of each of the 4 domains, a

@@ -228,13 +228,17 @@ def test_always_500_exhausts_retries(cfg, ep, server):
     assert server.count == 3
 
 
-def test_always_malformed_exhausts_retries(cfg, ep, server):
-    server.script = ["malformed"]
+@pytest.mark.parametrize("script,retries,words,attempts", [
+    (["malformed"], 1, "malformed", 2),                          # always malformed: retries exhausted
+    (["401", "ok:should never be reached"], 3, "HTTP 401", 1),   # 401 is not retried
+])
+def test_errors_after_the_right_number_of_attempts(cfg, ep, server, script, retries, words, attempts):
+    server.script = script
     with pytest.raises(negotiate.ApiError) as ei:
-        make_agent(cfg, server, retries=1).act([ep], ["anger"])
-    assert "malformed" in str(ei.value)
-    assert "2 attempt" in str(ei.value)
-    assert server.count == 2
+        make_agent(cfg, server, retries=retries).act([ep], ["anger"])
+    assert words in str(ei.value)
+    assert f"{attempts} attempt" in str(ei.value)
+    assert server.count == attempts
 
 
 def test_timeout(cfg, ep, server):
@@ -249,15 +253,6 @@ def test_timeout(cfg, ep, server):
     assert "2 attempt" in msg
     assert server.count == 2
     assert elapsed < 1.8, elapsed     # two 0.3 s timeouts, never the server's 2 s sleep
-
-
-def test_401_not_retried(cfg, ep, server):
-    server.script = ["401", "ok:should never be reached"]
-    with pytest.raises(negotiate.ApiError) as ei:
-        make_agent(cfg, server, retries=3).act([ep], ["anger"])
-    assert "HTTP 401" in str(ei.value)
-    assert "1 attempt" in str(ei.value)
-    assert server.count == 1
 
 
 def test_batch_concurrent_and_in_order(cfg, scenarios, server):

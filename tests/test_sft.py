@@ -122,9 +122,9 @@ def test_select_sft_turns_is_top_k_per_domain():
     recs = [{"domain": d} for d in ("a", "a", "b")]
     where = [(0, 1), (0, 3), (1, 1), (1, 3), (2, 1), (2, 3)]
     adv = [0.1, 0.9, 0.5, -1.0, 2.0, 3.0]
-    picked = emodistill.select_sft_turns(recs, adv, where, top_k=50, max_examples=0, seed=0)
+    picked = lora.select_sft_turns(recs, adv, where, top_k=50, max_examples=0, seed=0)
     assert sorted((ri, ti) for ri, ti, _ in picked) == [(0, 3), (1, 1), (2, 3)]
-    capped = emodistill.select_sft_turns(recs, adv, where, top_k=100, max_examples=2, seed=0)
+    capped = lora.select_sft_turns(recs, adv, where, top_k=100, max_examples=2, seed=0)
     assert sorted(recs[ri]["domain"] for ri, _, _ in capped) == ["a", "b"]
 
 

@@ -142,7 +142,7 @@ def test_cli_collect_and_eval_on_imported_scenarios(tmp_path, capsys):
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="the shared EmoMAS CSVs are not present")
 def test_shared_emomas_csvs(cfg):
-    """The published files: how many rows each domain recovers (the numbers in the README)."""
+    """The published files: how many rows each domain recovers (the numbers in docs/notebook.md)."""
     got = {}
     for d, dom in cfg.domains.items():
         scs, rep = emomas.import_scenarios_csv(dom, os.path.join(SHARED, dom.emomas["file"]))
