@@ -26,7 +26,8 @@ import emomas
 import negotiate as ng
 import report
 from domains import SIDES, TEST_IDS, TRAIN_IDS, DomainConfigError, check_emotions, load_config, make_scenarios, pick_domains
-from methods import TEACHER_METHODS, adapter_sha, best_fixed_emotions, play, side_agent, uses_selector
+from methods import (TEACHER_METHODS, adapter_folder, adapter_sha, best_fixed_emotions, chooser, play, side_agent,
+                     uses_selector)
 from models import lm_cost, load_lm, make_agent, make_judge
 from runs import (PartialJsonl, StageError, domains_sha, need, parse_ids, prepare_out, progress_bar, read_json,
                   read_jsonl, settings_diff, sha, step_bar, write_json_atomic)
@@ -347,6 +348,9 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
     doms = pick_domains(cfg, domains)
     csv_shas = emomas.use_csv_scenarios(scenarios_csv, cfg, doms, out, scenario_seed, domains_file)
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in names:                   # every name and adapter checked before the first row runs
+        chooser(m)
+        adapter_folder(out, m)
     os.makedirs(os.path.join(out, eval_dir), exist_ok=True)
     dsha = domains_sha(domains_file, side)
     best = (best_fixed_emotions(cfg, out, doms, select_seeds, seed, scenario_seed, dsha, csv_shas)

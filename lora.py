@@ -105,7 +105,8 @@ def inject(model, targets=DEFAULT_TARGETS, r=16, alpha=32, dropout=0.05):
     for n in names:
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+        # the new layer follows the model's mode: on a model in eval mode its dropout is off
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout).train(model.training))
     return names
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import negotiate as ng
-from domains import EMOTIONS, TRAIN_IDS, make_scenarios
+from domains import EMOTIONS, TRAIN_IDS, check_emotions, make_scenarios
 from models import make_agent
 from runs import StageError, progress_bar, read_json, sha, write_json_atomic
 
@@ -22,10 +22,21 @@ ADAPTER_METHODS = {"iql+sft": ("iql", "sft"), "sft-emotion-free": ("vanilla", "s
                    "emodistill": ("iql", "jpo"), "jpo-emotion-free": ("vanilla", "jpo-emotion-free")}
 
 
-def policy_for(method, out, doms, sample=False, best=None):
-    """The emotion chooser of a method (None = emotion-free), given the best fixed emotion per domain."""
+def chooser(method):
+    """The emotion chooser a method name means (vanilla, random, fixed:<emotion>, best-fixed or
+    iql), or a StageError naming an unknown method or emotion."""
     base = method[len("teacher-"):] if method.startswith("teacher-") else method
     base = ADAPTER_METHODS.get(base, (base,))[0]
+    if base.startswith("fixed:"):
+        check_emotions([base[6:]])
+    elif base not in ("vanilla", "random", "best-fixed", "iql"):
+        raise StageError(f"unknown method '{method}'")
+    return base
+
+
+def policy_for(method, out, doms, sample=False, best=None):
+    """The emotion chooser of a method (None = emotion-free), given the best fixed emotion per domain."""
+    base = chooser(method)
     if base == "vanilla":
         return None
     if base == "random":
@@ -34,17 +45,15 @@ def policy_for(method, out, doms, sample=False, best=None):
         return ng.fixed_emotion_policy(base[6:])
     if base == "best-fixed":
         return lambda eps: [best[ep.dom.key] for ep in eps]
-    if base == "iql":
-        import iql
-        path = os.path.join(out, "iql.pt")
-        if not os.path.exists(path):
-            raise StageError(f"method {method} needs {path}; run `emodistill.py iql` first")
-        model, _, _, _, spec = iql.load(path)
-        missing = [d for d in doms if d not in spec["domains"]]
-        if missing:
-            raise StageError(f"{path} was trained without domains {missing}")
-        return iql.Selector(model, spec, greedy=not sample)
-    raise StageError(f"unknown method '{method}'")
+    import iql
+    path = os.path.join(out, "iql.pt")
+    if not os.path.exists(path):
+        raise StageError(f"method {method} needs {path}; run `emodistill.py iql` first")
+    model, _, _, _, spec = iql.load(path)
+    missing = [d for d in doms if d not in spec["domains"]]
+    if missing:
+        raise StageError(f"{path} was trained without domains {missing}")
+    return iql.Selector(model, spec, greedy=not sample)
 
 
 def uses_selector(method):

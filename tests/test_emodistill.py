@@ -256,3 +256,16 @@ def test_full_disk_and_unwritable_run_folder(tmp_path, monkeypatch, capsys):
     assert run("collect", "--out", str(blocker / "run"), *SMALL) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "a_file" in err and "Traceback" not in err
+
+
+def test_eval_checks_every_method_before_the_first_row_runs(tmp_path, capsys):
+    """A typo (or a missing adapter) at the end of the method list fails at once, before the
+    rows before it have run."""
+    out = str(tmp_path / "run")
+    assert run("eval", "--out", out, "--methods", "teacher-random,teacher-randon", "--seeds", "1") == 2
+    assert "unknown method 'teacher-randon'" in capsys.readouterr().err
+    assert run("eval", "--out", out, "--methods", "teacher-random,fixed:angr", "--seeds", "1") == 2
+    assert "angr" in capsys.readouterr().err
+    assert run("eval", "--out", out, "--methods", "teacher-random,emodistill", "--seeds", "1") == 2
+    assert "needs the adapter" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "eval", "teacher-random.json"))

@@ -147,3 +147,28 @@ def test_cached_decoder_runs_through_lora_layers(model, tiny_lm):
     if tok.eos_token_id in ref:
         ref = ref[:ref.index(tok.eos_token_id) + 1]
     assert ours[0] == ref
+
+
+def test_inject_and_load_adapter_follow_the_model_mode(tmp_path):
+    """LoRA layers injected into (or loaded onto) a model in eval mode are in eval mode too: no
+    dropout, so an unmerged forward pass is deterministic."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    x = torch.randn(4, 8)
+    for make in ("inject", "load"):
+        m = model()
+        if make == "inject":
+            lora.inject(m, targets=["0"], r=2, alpha=4, dropout=0.5)
+            torch.nn.init.normal_(m[0].lora_B.weight)
+        else:
+            src = model()
+            lora.inject(src, targets=["0"], r=2, alpha=4, dropout=0.5)
+            torch.nn.init.normal_(src[0].lora_B.weight)
+            lora.save_adapter(src, str(tmp_path / "a"))
+            lora.load_adapter(m, str(tmp_path / "a"))
+        assert not m[0].training and not m[0].lora_dropout.training, make
+        assert torch.equal(m(x), m(x)), make
+    m = model().train()
+    lora.inject(m, targets=["0"], r=2, alpha=4, dropout=0.5)
+    assert m[0].lora_dropout.training                     # a model in training mode keeps dropout on
