@@ -58,6 +58,7 @@ _CLOCK = re.compile(r"(?<![\d$])(\d{1,2})(?::([0-5]\d))?\s*(a\.?m\.?|p\.?m\.?)(?
 _BY_HOUR = re.compile(r"\b(?:by|at|until|till|til|before|around|about)\s+(\d{1,2})\b(?![:.\d%])")
 _NOT_AN_OFFER = re.compile(r"\s*(?:overdue|past due|late\b|ago\b|old\b|already|so far|behind|of delay|"
                            r"on the wait|waiting)")
+_REJECTED = re.compile(r"(?:\bnot|\bnever|\brather than|\binstead of)\s+$")   # "..., not 30 days": refused
 _BARE = re.compile(r"(?<![\w$.,:])(\d+(?:\.\d+)?)(?![\w%:]|\.\d|,\d)")
 
 
@@ -107,6 +108,7 @@ def parse_offer(text, unit):
       * numbers that describe the situation, not an offer, are skipped: money ("$5,000"),
         percentages, and durations followed by "overdue", "ago", "already", "waiting", ...;
       * when a message states several offers, the last one counts ("You said 90 days; I offer 45");
+      * a number the speaker refuses is not its offer: "40 days, not 30 days" is 40;
       * with no unit at all, a bare number is taken (the last one) for days and minutes.
     Never raises: any string gives a float or None.
     """
@@ -116,6 +118,11 @@ def parse_offer(text, unit):
         return _parse_offer(text.lower(), unit)
     except (ValueError, OverflowError, IndexError):  # defensive: junk never crashes a run
         return None
+
+
+def _rejected(t, pos):
+    """The number at `pos` is one the speaker refuses ("40 days, not 30 days")."""
+    return _REJECTED.search(t, max(0, pos - 16), pos) is not None
 
 
 def _parse_offer(t, unit):
@@ -128,18 +135,18 @@ def _parse_offer(t, unit):
                 v = _clock_to_minutes(int(m.group(1)), int(m.group(2) or 0), m.group(3).replace(".", ""))
             else:
                 v = _clock_to_minutes(int(m.group(4)), int(m.group(5)), "")
-            if v is not None:
+            if v is not None and not _rejected(t, m.start()):
                 found.append((m.start(), v))
         if not found:
             for m in _BY_HOUR.finditer(t):
                 v = _clock_to_minutes(int(m.group(1)), 0, "")
-                if v is not None:
+                if v is not None and not _rejected(t, m.start()):
                     found.append((m.start(), v))
         return max(found)[1] if found else None
     scale = _IN_DAYS if unit == "days" else _IN_MINUTES
     for m in _DUR.finditer(t):
         u = _UNIT_WORDS[m.group(5)]
-        if u not in scale or _NOT_AN_OFFER.match(t, m.end()):
+        if u not in scale or _NOT_AN_OFFER.match(t, m.end()) or _rejected(t, m.start()):
             continue
         if m.group(1):
             v = 0.5
@@ -155,7 +162,7 @@ def _parse_offer(t, unit):
     if found:
         return max(found)[1]
     bare = [(m.start(), float(m.group(1))) for m in _BARE.finditer(t)
-            if not _NOT_AN_OFFER.match(t, m.end()) and not re.match(r"\s*(?:%|percent|dollars|usd|k\b|years?)",
+            if not _NOT_AN_OFFER.match(t, m.end()) and not _rejected(t, m.start()) and not re.match(r"\s*(?:%|percent|dollars|usd|k\b|years?)",
                                                                     t[m.end():])]
     bare = [(p, v) for p, v in bare if math.isfinite(v) and v < 1e6]
     return max(bare)[1] if bare else None

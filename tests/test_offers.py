@@ -92,3 +92,17 @@ def test_sim_replies_are_read_as_their_flags(cfg):
         for s in dom.teacher["offers"] + dom.replies["offer"]:
             t = s.format(offer=offers.format_offer(30, dom.unit))
             assert not offers.detect_accept(t) and not offers.detect_walk_away(t), t
+
+
+@pytest.mark.parametrize("text,unit,want", [
+    ("I can do 40 days, not 30 days.", "days", 40),
+    ("45 days, not 30.", "days", 45),
+    ("40 days rather than 30 days.", "days", 40),
+    ("Not 2 hours, 90 minutes.", "minutes", 90),
+    ("10 PM, not 11 PM.", "clock", 60),
+    ("In bed by 10, not by 11.", "clock", 60),
+    ("Not 30 days.", "days", None),                        # only a refusal: no offer (the last one stands)
+    ("Not more than 30 days.", "days", 30),                # a bound is still an offer
+])
+def test_a_refused_number_is_not_the_offer(text, unit, want):
+    assert offers.parse_offer(text, unit) == want
