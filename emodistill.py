@@ -41,7 +41,7 @@ ALL_DOMAINS = "crad,disaster,hospital,student"
 
 def collect(out="runs/default", domains_file="domains.yaml", side="focal", domains=ALL_DOMAINS, teacher="sim",
             counterparty="sim", seeds_per_scenario=50, scenarios="train", emotions="", persona=None, seed=0,
-            scenario_seed=0, scenarios_csv=None, batch_size=None, lm_batch=64, force=False):
+            scenario_seed=0, scenarios_csv=None, batch_size=None, lm_batch=64, on_bad_line="error", force=False):
     """Play teacher vs counterparty on the chosen scenarios with a uniformly random emotion per
     focal turn and write one trajectory per line to corpus.jsonl."""
     cfg = load_config(domains_file, side=side)
@@ -63,7 +63,7 @@ def collect(out="runs/default", domains_file="domains.yaml", side="focal", domai
     sink = PartialJsonl(path)
     if force and os.path.exists(sink.partial):
         os.remove(sink.partial)
-    done = set(sink.resume())
+    done = set(sink.resume(on_bad_line))
     scs = {d: {sc.id: sc for sc in make_scenarios(cfg.domains[d], scenario_seed, persona)} for d in doms}
     jobs = [(d, i, s) for d in doms for i in ids if i in scs[d] for s in range(seeds_per_scenario)]
     cache = {}
@@ -114,7 +114,7 @@ def judge(out="runs/default", domains_file="domains.yaml", side="focal", judge="
     sink = PartialJsonl(path)
     if force and os.path.exists(sink.partial):
         os.remove(sink.partial)
-    done = set(sink.resume())
+    done = set(sink.resume(on_bad_line))
     todo = [r for r in records if r["key"] not in done]
     bar = progress_bar(len(records), "judge", len(records) - len(todo))
     for s in range(0, len(todo), 512):
@@ -466,7 +466,8 @@ def build_parser():
                 a.help = f"{a.help + ' ' if a.help else ''}(default {defaults[a.dest].default})"
         sp.set_defaults(stage=fn)
     agents = "sim | smollm2 | hf:<model> | api:<model>"
-    command("collect", collect, "collect the offline corpus", ["out", "run", "seed", "domains", "lm_batch", "csv", "scenarios"],
+    command("collect", collect, "collect the offline corpus",
+            ["out", "run", "seed", "domains", "bad", "lm_batch", "csv", "scenarios"],
             ("--teacher", dict(help=agents)), ("--counterparty", dict(help=agents)),
             ("--seeds-per-scenario", dict(type=int)),
             ("--scenarios", dict(help="train (0-79), test (80-99) or ids like 0-9,12")),

@@ -72,7 +72,9 @@ class PartialJsonl:
     def __init__(self, path):
         self.path, self.partial = path, path + ".partial"
 
-    def resume(self):
+    def resume(self, on_bad="error"):
+        """The keys already written. A corrupt line stops with its line number, or with
+        on_bad='skip' is dropped from the partial file (its record is made again) and reported."""
         if not os.path.exists(self.partial):
             return []
         with open(self.partial, "rb") as f:
@@ -81,7 +83,12 @@ class PartialJsonl:
         if cut < len(data):
             with open(self.partial, "r+b") as f:
                 f.truncate(cut)
-        recs, _ = read_jsonl(self.partial, required=("key",))
+        recs, bad = read_jsonl(self.partial, on_bad=on_bad, required=("key",))
+        if bad:
+            with open(self.partial) as f:
+                keep = [line for i, line in enumerate(f, 1) if i not in set(bad)]
+            write_text_atomic(self.partial, "".join(keep))
+            print(f"[resume] dropped {len(bad)} corrupt line(s) of {self.partial}: {bad[:20]}; they are made again")
         return [r["key"] for r in recs]
 
     def append(self, records):

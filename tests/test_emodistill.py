@@ -269,3 +269,24 @@ def test_eval_checks_every_method_before_the_first_row_runs(tmp_path, capsys):
     assert run("eval", "--out", out, "--methods", "teacher-random,emodistill", "--seeds", "1") == 2
     assert "needs the adapter" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(out, "eval", "teacher-random.json"))
+
+
+def test_collect_resumes_past_a_corrupt_partial_line_with_skip(tmp_path, capsys):
+    """A corrupt line in corpus.jsonl.partial stops collect with its line number; with
+    --on-bad-line skip it is dropped, its trajectory made again, and the corpus ends with the
+    same trajectories as an uninterrupted run."""
+    out, ref = str(tmp_path / "run"), str(tmp_path / "ref")
+    assert run("collect", "--out", ref, *SMALL) == 0
+    lines = open(os.path.join(ref, "corpus.jsonl")).read().splitlines(keepends=True)
+    os.makedirs(out)
+    assert run("collect", "--out", out, *SMALL) == 0            # same settings file, then a partial by hand
+    os.remove(os.path.join(out, "corpus.jsonl"))
+    with open(os.path.join(out, "corpus.jsonl.partial"), "w") as f:
+        f.write("".join(lines[:5]) + '{"key": "crad-0-0", "turns": [trunc\n' + "".join(lines[6:12]))
+    capsys.readouterr()
+    assert run("collect", "--out", out, *SMALL) == 2
+    assert "line 6" in capsys.readouterr().err
+    assert run("collect", "--out", out, *SMALL, "--on-bad-line", "skip") == 0
+    assert "dropped 1 corrupt line(s)" in capsys.readouterr().out
+    got = open(os.path.join(out, "corpus.jsonl")).read().splitlines(keepends=True)
+    assert len(got) == len(lines) and sorted(got) == sorted(lines)
