@@ -29,8 +29,8 @@ from domains import SIDES, TEST_IDS, TRAIN_IDS, DomainConfigError, check_emotion
 from methods import (TEACHER_METHODS, adapter_folder, adapter_sha, best_fixed_emotions, chooser, play, side_agent,
                      uses_selector)
 from models import lm_cost, load_lm, make_agent, make_judge
-from runs import (PartialJsonl, StageError, domains_sha, need, parse_ids, prepare_out, progress_bar, read_json,
-                  read_jsonl, settings_diff, sha, step_bar, write_json_atomic)
+from runs import (PartialJsonl, StageError, domains_sha, mark_complete, need, parse_ids, prepare_out, progress_bar,
+                  read_json, read_jsonl, settings_diff, sha, step_bar, write_json_atomic)
 
 ALL_DOMAINS = "crad,disaster,hospital,student"
 
@@ -56,8 +56,8 @@ def collect(out="runs/default", domains_file="domains.yaml", side="focal", domai
     if csv_shas:                      # (only then, so that runs made before the importer still match)
         settings["scenarios_csv"] = csv_shas
     path = os.path.join(out, "corpus.jsonl")
-    prepare_out(out, "collect.json", settings, force)  # refuses other settings first
-    if os.path.exists(path) and not force:
+    fresh = prepare_out(out, "collect.json", settings, force)  # refuses other settings first
+    if fresh and os.path.exists(path):
         print(f"[collect] {path} is complete; skipping (use --force to redo)")
         return path
     sink = PartialJsonl(path)
@@ -85,6 +85,7 @@ def collect(out="runs/default", domains_file="domains.yaml", side="focal", domai
         bar.update(len(eps))
     bar.close()
     sink.finish()
+    mark_complete(out, "collect.json")
     print(f"[collect] {len(todo)} new trajectories in {time.time() - t0:.1f}s -> {path}")
     return path
 
@@ -104,8 +105,8 @@ def judge(out="runs/default", domains_file="domains.yaml", side="focal", judge="
         raise StageError(f"{src} not found{hint}")
     path = os.path.join(out, "judged.jsonl")
     # a corpus that changed since judging (another seed, --force) is caught here, not reused
-    prepare_out(out, "judge.json", {"judge": judge, "corpus_sha": sha(src)}, force)
-    if os.path.exists(path) and not force:
+    fresh = prepare_out(out, "judge.json", {"judge": judge, "corpus_sha": sha(src)}, force)
+    if fresh and os.path.exists(path):
         print(f"[judge] {path} is complete; skipping (use --force to redo)")
         return path
     records, bad = read_jsonl(src, on_bad=on_bad_line)
@@ -134,6 +135,7 @@ def judge(out="runs/default", domains_file="domains.yaml", side="focal", judge="
         bar.update(len(chunk))
     bar.close()
     sink.finish()
+    mark_complete(out, "judge.json")
     print(f"[judge] scored {len(todo)} trajectories -> {path}")
     return path
 
@@ -163,6 +165,8 @@ def train_iql(out="runs/default", domains_file="domains.yaml", side="focal", ste
     prepare_out(out, "iql.json", {"judged_sha": sha(judged) if os.path.exists(judged) else None,
                                   "config": {k: v for k, v in asdict(hp).items() if k != "steps"},
                                   "max_turns": cfg.max_turns}, force)
+    if force and os.path.exists(path):   # a redo starts over: a failed one must not leave the old selector
+        os.remove(path)
     records = load_judged(out, on_bad_line)
     doms = [d for d in cfg.domains if any(r["domain"] == d for r in records)]
     data = iql.transitions(records, doms, hp, cfg.max_turns)
@@ -186,6 +190,7 @@ def train_iql(out="runs/default", domains_file="domains.yaml", side="focal", ste
         step = new_step
         iql.save(path, model, targets, opt, step, hp, doms, cfg.max_turns)
     bar.close()
+    mark_complete(out, "iql.json")
     print(f"[iql] {path}: {step} steps in {time.time() - t0:.1f}s")
     return path
 
@@ -200,8 +205,8 @@ def _adapter_stage(out, stage, name, settings, force, retrain_stale=False):
     Returns the checkpoint path."""
     folder = os.path.join(out, name)
     force = force or (retrain_stale and bool(settings_diff(os.path.join(out, f"{name}.json"), settings)))
-    prepare_out(out, f"{name}.json", settings, force)
-    if os.path.exists(os.path.join(folder, "adapter_config.json")) and not force:
+    fresh = prepare_out(out, f"{name}.json", settings, force)
+    if fresh and os.path.exists(os.path.join(folder, "adapter_config.json")):
         print(f"[{stage}] {folder} is complete; skipping (use --force to redo)")
         return None
     ckpt = os.path.join(out, f"{name}.state.pt")
@@ -275,6 +280,7 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
     # save: the adapter in PEFT's layout, and its training statistics
     lora.save_adapter(model, folder, student)
     write_json_atomic(os.path.join(folder, "train_stats.json"), stats)
+    mark_complete(out, f"{name}.json")
     print(f"[sft] {folder}: held-out loss {stats.get('initial_heldout', float('nan')):.4f} before training, "
           f"best {stats['best']:.4f} at step {stats['best_step']} of "
           f"{stats['total_steps']} ({stats['n_train']} train / {stats['n_heldout']} held-out examples), "
@@ -329,6 +335,7 @@ def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", stu
     bar.close()
     lora.save_adapter(model, folder, student)
     write_json_atomic(os.path.join(folder, "train_stats.json"), stats)
+    mark_complete(out, f"{name}.json")
     last = stats["history"][-1]
     print(f"[jpo] {folder}: {stats['total_steps']} steps in {stats['seconds']}s; last step ratio {last['ratio']:.3f} "
           f"approx-KL {last['approx_kl']:.4f} clip fraction {last['clip_frac']:.2f}")

@@ -126,7 +126,10 @@ def step_bar(desc):
 
 
 def prepare_out(out, meta_name, settings, force):
-    """Create the run folder; refuse to resume a stage started with other settings."""
+    """Create the run folder and refuse to resume a stage started with other settings. Returns
+    True when the stage's output is complete for these settings (skip it); otherwise the
+    settings are saved marked incomplete, and mark_complete() marks them once the output is
+    whole, so a run that fails (a forced redo too) leaves the stage stale, never fresh."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -137,7 +140,16 @@ def prepare_out(out, meta_name, settings, force):
     diff = None if force else settings_diff(meta, settings)
     if diff:
         raise StageError(f"{meta} was written with other settings {diff}; use another --out or --force")
-    write_json_atomic(meta, settings)
+    if not force and os.path.exists(meta) and read_json(meta).get("complete", True):  # (older runs: no mark)
+        return True
+    write_json_atomic(meta, {**settings, "complete": False})
+    return False
+
+
+def mark_complete(out, meta_name):
+    """The stage's output is whole: its settings file says so (see prepare_out)."""
+    meta = os.path.join(out, meta_name)
+    write_json_atomic(meta, {**read_json(meta), "complete": True})
 
 
 def settings_diff(meta, settings):

@@ -290,3 +290,29 @@ def test_collect_resumes_past_a_corrupt_partial_line_with_skip(tmp_path, capsys)
     assert "dropped 1 corrupt line(s)" in capsys.readouterr().out
     got = open(os.path.join(out, "corpus.jsonl")).read().splitlines(keepends=True)
     assert len(got) == len(lines) and sorted(got) == sorted(lines)
+
+
+def test_a_failed_forced_rerun_leaves_the_stage_stale(tmp_path, capsys):
+    """judge --force over a corpus that gained a corrupt line fails; the next plain judge must
+    not take the old judged.jsonl as complete for the new corpus (it fails again, naming the
+    line), and once the line is fixed it judges the new corpus."""
+    out = str(tmp_path / "run")
+    assert run("collect", "--out", out, *SMALL) == 0
+    assert run("judge", "--out", out) == 0
+    corpus = os.path.join(out, "corpus.jsonl")
+    good = open(corpus).read()
+    with open(corpus, "a") as f:
+        f.write("{not json\n")
+    assert run("judge", "--out", out, "--force") == 2
+    capsys.readouterr()
+    assert run("judge", "--out", out) == 2                      # stale, not "complete; skipping"
+    captured = capsys.readouterr()
+    assert "skipping" not in captured.out and "line 41" in captured.err
+    assert json.load(open(os.path.join(out, "judge.json")))["complete"] is False
+    with open(corpus, "w") as f:
+        f.write(good)
+    assert run("judge", "--out", out) == 2                      # the corpus changed again: other settings
+    assert run("judge", "--out", out, "--force") == 0
+    assert json.load(open(os.path.join(out, "judge.json")))["complete"] is True
+    assert run("judge", "--out", out) == 0
+    assert "is complete; skipping" in capsys.readouterr().out

@@ -218,6 +218,14 @@ def test_sft_jpo_eval_stages_on_a_tiny_model(tmp_path, tiny_lm, capsys, kill_aft
     assert run(["jpo", "--out", out, *jp, "--emotion-free"]) == 0
     stats = json.load(open(os.path.join(out, "jpo", "train_stats.json")))
     assert stats["history"][0]["ratio"] == 1.0 and stats["history"][0]["approx_kl"] == 0.0
+    # a forced redo that dies leaves the stage stale: the next plain run finishes it, not skips it
+    kill_after(1)
+    with pytest.raises(Killed):
+        run(["jpo", "--out", out, *jp, "--force"])
+    capsys.readouterr()
+    assert run(["jpo", "--out", out, *jp]) == 0
+    rerun = capsys.readouterr().out
+    assert "is complete; skipping" not in rerun and "resuming from step 1" in rerun
     capsys.readouterr()
     methods = "vanilla,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free"
     assert run(["eval", "--out", out, "--student", student, "--methods", methods, "--domains", "crad",
