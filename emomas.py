@@ -97,7 +97,9 @@ def import_scenarios_csv(dom: Domain, path, seed=0):
     """Scenarios for `dom` from an EmoMAS CSV, mapped by the domain's `emomas` section.
 
     The data row at position i (0-based) becomes scenario id i, so the first 80 rows are
-    training scenarios and rows 80-99 test scenarios. s0, b0 and context fields the CSV
+    training scenarios and rows 80-99 test scenarios; a skipped row keeps its id unused, so a
+    damaged row never moves a later one across the split. Each line is one row (the published
+    files have no line breaks inside cells). s0, b0 and context fields the CSV
     does not give, and the counterparty's private reservation, patience and persona, come
     from the generated scenario with the same id. Returns (scenarios, report) where report
     = {"read", "repaired", "skipped": [(line, reason)], ...}."""
@@ -106,8 +108,11 @@ def import_scenarios_csv(dom: Domain, path, seed=0):
     if not m:
         raise ScenarioCsvError(f"domain '{dom.key}' has no 'emomas' section in domains.yaml")
     try:
+        # one physical line, one row: a quote opened and never closed in one cell must not
+        # swallow the rows after it (and shift every later id across the train/test split)
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
+            lines = f.read().splitlines()
+        rows = [next(csv.reader([ln]), []) for ln in lines]
     except FileNotFoundError:
         raise ScenarioCsvError(f"{path}: file not found") from None
     except (UnicodeDecodeError, csv.Error) as e:
@@ -131,6 +136,10 @@ def import_scenarios_csv(dom: Domain, path, seed=0):
         report["rows"] += 1
         if i >= N_SCENARIOS:
             report["skipped"].append((line, f"beyond the first {N_SCENARIOS} rows"))
+            continue
+        if lines[line - 1].count('"') % 2:
+            report["skipped"].append((line, "a quote is opened and never closed (the row is damaged; "
+                                            "the rows after it keep their ids)"))
             continue
         cands = split_csv_row(cells, columns, types, dom.unit)
         if not cands:

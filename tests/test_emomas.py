@@ -154,6 +154,26 @@ def test_shared_emomas_csvs(cfg):
     assert got == {"crad": (100, 0, 0), "disaster": (98, 98, 2), "hospital": (90, 84, 10), "student": (97, 24, 3)}
 
 
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="the shared EmoMAS CSVs are not present")
+def test_a_quote_never_closed_damages_only_its_row(tmp_path, cfg):
+    """A shipped CSV with one cell's quote opened and never closed: that row is skipped and
+    reported, every other row keeps its scenario id and values, the train/test split is intact."""
+    dom = cfg.domains["crad"]
+    src = os.path.join(SHARED, dom.emomas["file"])
+    lines = open(src, encoding="utf-8-sig").read().splitlines()
+    head, _, tail = lines[51].partition(",")                    # line 52: data row 50, scenario 50
+    lines[51] = head + ',"' + tail
+    broken = tmp_path / "broken.csv"
+    broken.write_text("\n".join(lines) + "\n")
+    ref, _ = emomas.import_scenarios_csv(dom, src)
+    got, rep = emomas.import_scenarios_csv(dom, str(broken))
+    assert [why for line, why in rep["skipped"] if line == 52] and "quote" in rep["skipped"][0][1]
+    assert len(rep["skipped"]) == 1 and rep["rows"] == 100
+    want = {s.id: s for s in ref if s.id != 50}
+    assert {s.id: s for s in got} == want                      # ids 0-49, 51-99 unchanged, 50 missing
+    assert sum(s.id in domains.TEST_IDS for s in got) == 20
+
+
 def test_domains_hash_ignores_only_the_emomas_and_swap_sections(tmp_path):
     """Stage settings hash domains.yaml without its `emomas:` sections (they only matter with
     --scenarios-csv, hashed there) and, on the focal side, without its `swap:` sections, so
