@@ -29,8 +29,8 @@ from domains import SIDES, TEST_IDS, TRAIN_IDS, DomainConfigError, check_emotion
 from methods import (TEACHER_METHODS, adapter_folder, adapter_sha, best_fixed_emotions, chooser, play, side_agent,
                      uses_selector)
 from models import lm_cost, load_lm, make_agent, make_judge
-from runs import (PartialJsonl, StageError, domains_sha, mark_complete, need, parse_ids, prepare_out, progress_bar,
-                  read_json, read_jsonl, settings_diff, sha, step_bar, write_json_atomic)
+from runs import (PartialJsonl, StageError, domains_sha, machine_facts, mark_complete, need, parse_ids, prepare_out,
+                  progress_bar, read_json, read_jsonl, settings_diff, sha, step_bar, write_json_atomic)
 
 ALL_DOMAINS = "crad,disaster,hospital,student"
 
@@ -279,7 +279,7 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
     bar.close()
     # save: the adapter in PEFT's layout, and its training statistics
     lora.save_adapter(model, folder, student)
-    write_json_atomic(os.path.join(folder, "train_stats.json"), stats)
+    write_json_atomic(os.path.join(folder, "train_stats.json"), {**stats, "machine": machine_facts()})
     mark_complete(out, f"{name}.json")
     print(f"[sft] {folder}: held-out loss {stats.get('initial_heldout', float('nan')):.4f} before training, "
           f"best {stats['best']:.4f} at step {stats['best_step']} of "
@@ -334,7 +334,7 @@ def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", stu
                           progress=tick)
     bar.close()
     lora.save_adapter(model, folder, student)
-    write_json_atomic(os.path.join(folder, "train_stats.json"), stats)
+    write_json_atomic(os.path.join(folder, "train_stats.json"), {**stats, "machine": machine_facts()})
     mark_complete(out, f"{name}.json")
     last = stats["history"][-1]
     print(f"[jpo] {folder}: {stats['total_steps']} steps in {stats['seconds']}s; last step ratio {last['ratio']:.3f} "
@@ -388,7 +388,7 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
                     scenario_seed)
         summ = {d: report.summarize([r for r in recs if r["domain"] == d]) for d in doms}
         results[m] = {"method": m, "settings": settings, "summary": summ, "seconds": round(time.time() - t0, 1),
-                      "records": recs}
+                      "machine": machine_facts(), "records": recs}
         write_json_atomic(path, results[m])
         print(f"[eval] {m}: {len(recs)} episodes in {time.time() - t0:.1f}s -> {path}")
         if isinstance(focal, ng.LMAgent):

@@ -95,6 +95,7 @@ def write_results(out, eval_dir, results, names, doms, best, seeds, seed, split,
               "emotion match: share of emotion-conditioned focal turns whose perceived emotion (cue lexicon) is the "
               "requested one. Both are per-episode shares averaged over episodes.", ""]
     lines += ordering_lines(results, names, doms)
+    lines += machine_lines(results, names)
     lines += plots(os.path.join(out, eval_dir), results, names, doms, selector_methods)
     if eval_dir == "eval":
         lines += study_sections(out)
@@ -102,6 +103,20 @@ def write_results(out, eval_dir, results, names, doms, best, seeds, seed, split,
     path = os.path.join(out, "results.md" if eval_dir == "eval" else f"results-{eval_dir}.md")
     write_text_atomic(path, text)
     print(text)
+
+
+def machine_lines(results, names):
+    """Where each row was computed (rows cached from another machine say so): float results,
+    the selector's greedy choices among them, can differ between CPUs."""
+    machines = {}
+    for m in names:
+        f = results[m].get("machine")
+        key = (f"{f['cpu']} ({f['cpu_capability']}{', ' + f['cuda'] if f.get('cuda') else ''}), torch {f['torch']}, "
+               f"{f['threads']} thread(s)") if f else "not recorded (a row from before machine facts were saved)"
+        machines.setdefault(key, []).append(m)
+    return [("Computed on " if len(machines) == 1 else "Computed on several machines: ")
+            + "; ".join(k + ("" if len(machines) == 1 else ": " + ", ".join(ms)) for k, ms in machines.items())
+            + ".", ""]
 
 
 # The paper's claims about the LLM rows, as (better, worse, strict): EmoDistill >= IQL+SFT >=

@@ -108,6 +108,24 @@ class PartialJsonl:
         os.replace(self.partial, self.path)
 
 
+def machine_facts():
+    """What a result depends on beyond its settings: float results (IQL training, so the
+    selector's greedy choices) can differ between CPUs with other vector units, torch versions
+    or thread counts. Saved with each eval row and adapter, printed in results.md."""
+    import platform
+
+    import torch
+    cpu = platform.machine()                    # where /proc/cpuinfo does not name the CPU
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def progress_bar(total, desc, initial=0, unit="traj"):
     """A tqdm bar (off when EMODISTILL_NO_PROGRESS=1, as in CI and the tests)."""
     from tqdm import tqdm

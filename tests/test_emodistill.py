@@ -316,3 +316,23 @@ def test_a_failed_forced_rerun_leaves_the_stage_stale(tmp_path, capsys):
     assert json.load(open(os.path.join(out, "judge.json")))["complete"] is True
     assert run("judge", "--out", out) == 0
     assert "is complete; skipping" in capsys.readouterr().out
+
+
+def test_results_say_which_machine_computed_each_row(tmp_path):
+    """Each eval row saves the machine facts (CPU, its vector unit, torch, threads) and
+    results.md prints them; a row cached from before (no facts) is named as such."""
+    import torch
+    out = str(tmp_path / "run")
+    args = ["--out", out, "--seeds", "1", "--domains", "crad"]
+    assert run("eval", *args, "--methods", "teacher-random") == 0
+    row = json.load(open(os.path.join(out, "eval", "teacher-random.json")))
+    assert row["machine"]["torch"] == torch.__version__
+    assert row["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    text = open(os.path.join(out, "results.md")).read()
+    assert f"Computed on {row['machine']['cpu']} ({row['machine']['cpu_capability']}), torch {torch.__version__}" in text
+    del row["machine"]
+    with open(os.path.join(out, "eval", "teacher-random.json"), "w") as f:
+        json.dump(row, f)
+    assert run("eval", *args, "--methods", "teacher-random,teacher-fixed:anger") == 0
+    text = open(os.path.join(out, "results.md")).read()
+    assert "Computed on several machines: " in text and "not recorded (a row from before" in text
