@@ -84,8 +84,7 @@ def collect(out="runs/default", domains_file="domains.yaml", side="focal", domai
         sink.append([ng.to_record(ep) for ep in eps])
         bar.update(len(eps))
     bar.close()
-    sink.finish()
-    mark_complete(out, "collect.json")
+    sink.finish("collect.json")      # the output is whole: the stage is fresh
     print(f"[collect] {len(todo)} new trajectories in {time.time() - t0:.1f}s -> {path}")
     return path
 
@@ -134,8 +133,7 @@ def judge(out="runs/default", domains_file="domains.yaml", side="focal", judge="
         sink.append(chunk)
         bar.update(len(chunk))
     bar.close()
-    sink.finish()
-    mark_complete(out, "judge.json")
+    sink.finish("judge.json")        # the output is whole: the stage is fresh
     print(f"[judge] scored {len(todo)} trajectories -> {path}")
     return path
 

@@ -102,10 +102,14 @@ class PartialJsonl:
             raise StageError(f"cannot write {self.partial}: {e.strerror or e} "
                              f"(lines already written are kept; re-run to resume)") from None
 
-    def finish(self):
+    def finish(self, settings_name=None):
+        """Rename the partial file into place; then mark the stage's settings file (in the same
+        folder) complete, when named."""
         if not os.path.exists(self.partial):
             open(self.partial, "a").close()
         os.replace(self.partial, self.path)
+        if settings_name:
+            mark_complete(os.path.dirname(self.path), settings_name)
 
 
 def machine_facts():
