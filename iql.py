@@ -8,9 +8,22 @@ on the judged corpus, with no live negotiation. The method is Discrete IQL (Kost
   pi(a|s)  <- advantage-weighted regression, weights exp(beta (Q_target - V)) clipped at 100
 Emotions never seen in the corpus are masked out of the policy.
 
-Reward: every focal turn earns its judge score mapped from
-[1, 10] to [-1, 1]; the last focal turn of a trajectory additionally earns the episode outcome,
+Reward: the outcome pays, length does not. Every focal turn earns its *centred* judge part,
+the last focal turn of a trajectory additionally earns the episode outcome,
 `outcome_weight * utility` for an agreement or `-fail_penalty` for no deal.
+  judge part  the turn's judge score mapped from [1, 10] to [-1, 1] by (score - 5.5) / 4.5, where a
+              rubric turn's score is first recomputed without its `closing` component (the
+              weighted mean of the other components, rubric weights): closing scores the deal,
+              which the terminal reward already pays, so the outcome is counted once. An LLM
+              judge's score (its components are the rubric's, not the LLM's) is used as it is.
+  centring    minus the mean judge part over the scored focal turns of the records given (or a
+              fixed `judge_centre`). Uncentred, the judge part is positive on average (the mean
+              score is ~7 of 10), so every extra turn paid, and a long failed negotiation
+              returned more than a short deal (on a sim corpus the discounted return correlated
+              0.79 with episode length and 0.40 with utility). Centred, a turn earns only for
+              being better than the corpus's typical turn, and an episode's return is driven by
+              its outcome (`return_correlations` measures both; `report.summary` prints them).
+A missing judge score (an LLM answer without a parseable SCORE) adds 0.
 
 Departures from the reference code: the previous emotion enters the state as a one-hot (never
 as an ordinal index), every feature varies with the state (no constants), and offers are
@@ -45,8 +58,13 @@ class IQLConfig:
     batch_size: int = 256         # transitions per gradient step
     steps: int = 20000            # gradient steps
     hidden: int = 256             # width of the two hidden layers of every network
+    policy_dropout: float = 0.0   # dropout after each hidden layer of the policy net (off at inference);
+    #                               higher -> less memorising of the random behaviour's per-state choices
     outcome_weight: float = 2.0   # terminal reward per unit of utility; higher -> outcome over judge
     fail_penalty: float = 0.5     # terminal reward lost when there is no deal
+    judge_centre: float | None = None  # subtracted from every judge part ([-1, 1] scale); None -> the mean
+    #                                    judge part of the records given, so length alone earns nothing;
+    #                                    0.0 -> the old uncentred reward (long episodes earn more)
     seed: int = 0                 # initialisation and minibatch order
     log_every: int = 1000         # steps between diagnostic lines
 
@@ -94,26 +112,121 @@ def features(turns, s0, b0, domain, domains, max_turns=30):
     return np.asarray(v + prev + recent + dom, dtype=np.float32)
 
 
+# ----------------------------------------------------------------------------------------
+# Reward: the centred judge part per focal turn, plus the outcome once at the end
+# ----------------------------------------------------------------------------------------
+
+# The rubric judge's component weights, a copy of negotiate.JUDGE_WEIGHTS (this module does not
+# import the world; tests/test_iql.py checks that the two agree). A turn whose components do not
+# reproduce its score with these weights (an LLM judge's score) is taken as it is.
+RUBRIC_WEIGHTS = {"offer": 0.20, "firmness": 0.15, "effect": 0.25, "closing": 0.20, "fidelity": 0.10,
+                  "fluency": 0.10}
+
+
+def _weighted_score(components, drop=()):
+    """1 + 9 * the weighted mean of the rubric components, leaving out `drop` (None if none left)."""
+    c = {k: v for k, v in components.items() if k not in drop}
+    wsum = sum(RUBRIC_WEIGHTS[k] for k in c)
+    return 1 + 9 * sum(RUBRIC_WEIGHTS[k] * v for k, v in c.items()) / wsum if wsum > 0 else None
+
+
+def judge_part(turn):
+    """A focal turn's judge reward before centring, in [-1, 1]: (score - 5.5) / 4.5, with a rubric
+    score recomputed without `closing` (the outcome is paid by the terminal reward). None when
+    the turn has no score (an unparseable LLM answer)."""
+    score = turn.get("score")
+    if score is None:
+        return None
+    comps = turn.get("components") or {}
+    if comps and set(comps) <= set(RUBRIC_WEIGHTS) and "closing" in comps:
+        full = _weighted_score(comps)
+        if full is not None and abs(full - score) < 0.01:   # the components are this score's: a rubric turn
+            rest = _weighted_score(comps, drop=("closing",))
+            score = rest if rest is not None else 5.5
+    return (score - 5.5) / 4.5
+
+
+def _focal_rows(rec):
+    """Indices of the turns that become transitions: focal turns with a known emotion."""
+    return [i for i, t in enumerate(rec["turns"]) if t["speaker"] == "focal" and t.get("emotion") in EMOTIONS]
+
+
+def judge_centre(records, cfg: IQLConfig):
+    """The centre subtracted from every judge part: cfg.judge_centre, or the mean judge part over
+    the scored focal turns (rows) of `records` (0 when none is scored)."""
+    if cfg.judge_centre is not None:
+        return float(cfg.judge_centre)
+    parts = [judge_part(rec["turns"][i]) for rec in records for i in _focal_rows(rec)]
+    parts = [p for p in parts if p is not None]
+    return float(np.mean(parts)) if parts else 0.0
+
+
+def turn_rewards(rec, cfg: IQLConfig, centre):
+    """The reward of each row of one trajectory (its focal turns with an emotion, in order): the
+    centred judge part (0 for a missing score), plus the outcome on the last one."""
+    idx = _focal_rows(rec)
+    out, rewards = rec["outcome"], []
+    for j, i in enumerate(idx):
+        t = rec["turns"][i]
+        if "score" not in t:
+            raise ValueError(f"trajectory {rec.get('key')}: turn {i} has no judge score (run judge first)")
+        part = judge_part(t)
+        r = part - centre if part is not None else 0.0
+        if j == len(idx) - 1:
+            r += cfg.outcome_weight * out["utility"] if out["success"] else -cfg.fail_penalty
+        rewards.append(r)
+    return rewards
+
+
+def discounted_return(rewards, gamma):
+    """sum_j gamma^j r_j: the return of a trajectory from its first focal turn."""
+    return float(sum(gamma ** j * r for j, r in enumerate(rewards)))
+
+
+def pearson(x, y):
+    """Pearson correlation of two sequences; NaN with fewer than 2 points or a constant one."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def return_correlations(records, cfg: IQLConfig, centre=None):
+    """Per domain (and "all"), across trajectories: the Pearson correlation of the discounted
+    return (the rewards above, cfg.gamma) with the episode length (number of turns) and with the
+    utility. A reward that pays for outcomes correlates more with utility than with length.
+    Returns {domain: {"n", "length", "utility", "mean_return"}}; trajectories without a row are left out."""
+    recs = [r for r in records if _focal_rows(r)]
+    centre = judge_centre(recs, cfg) if centre is None else centre
+    rows = [(r["domain"], discounted_return(turn_rewards(r, cfg, centre), cfg.gamma), len(r["turns"]),
+             r["outcome"]["utility"]) for r in recs]
+    table = {}
+    for d in sorted({d for d, *_ in rows}) + ["all"]:
+        sel = [row for row in rows if d == "all" or row[0] == d]
+        _, g, n, u = zip(*sel)
+        table[d] = {"n": len(sel), "length": pearson(g, n), "utility": pearson(g, u), "mean_return": float(np.mean(g))}
+    return table
+
+
 def transitions(records, domains, cfg: IQLConfig, max_turns=30):
-    """Offline dataset (s, a, r, s', done) from judged trajectory records, one row per focal turn."""
+    """Offline dataset (s, a, r, s', done) from judged trajectory records, one row per focal turn,
+    with the reward of `turn_rewards` (judge parts centred over these records, see `judge_centre`).
+    Diagnostics: "centre" (the judge centre used) and "returns" (the discounted return of each
+    trajectory with a row, by record index)."""
     S, A, R, S2, D, W = [], [], [], [], [], []
+    centre = judge_centre(records, cfg)
+    returns = {}
     for ri, rec in enumerate(records):
         turns = rec["turns"]
-        idx = [i for i, t in enumerate(turns) if t["speaker"] == "focal" and t.get("emotion") in EMOTIONS]
+        idx = _focal_rows(rec)
         if not idx:
             continue
-        out = rec["outcome"]
-        for j, i in enumerate(idx):
-            if "score" not in turns[i]:
-                raise ValueError(f"trajectory {rec.get('key')}: turn {i} has no judge score (run judge first)")
-            s = features(turns[:i], rec["s0"], rec["b0"], rec["domain"], domains, max_turns)
+        rewards = turn_rewards(rec, cfg, centre)
+        returns[ri] = discounted_return(rewards, cfg.gamma)
+        for j, (i, r) in enumerate(zip(idx, rewards)):
             last = j == len(idx) - 1
             nxt = turns[:idx[j + 1]] if not last else turns
-            # an LLM judge's missing score (no parseable answer) adds no judge reward to that turn
-            r = (turns[i]["score"] - 5.5) / 4.5 if turns[i]["score"] is not None else 0.0
-            if last:
-                r += cfg.outcome_weight * out["utility"] if out["success"] else -cfg.fail_penalty
-            S.append(s)
+            S.append(features(turns[:i], rec["s0"], rec["b0"], rec["domain"], domains, max_turns))
             A.append(EMOTIONS.index(turns[i]["emotion"]))
             R.append(r)
             S2.append(features(nxt, rec["s0"], rec["b0"], rec["domain"], domains, max_turns))
@@ -123,7 +236,8 @@ def transitions(records, domains, cfg: IQLConfig, max_turns=30):
         raise ValueError("no focal turns with an emotion in the corpus")
     return {"s": torch.tensor(np.stack(S)), "a": torch.tensor(A), "r": torch.tensor(R, dtype=torch.float32),
             "s2": torch.tensor(np.stack(S2)), "d": torch.tensor(D),
-            "where": W}   # (record index, turn index) of each row
+            "where": W,            # (record index, turn index) of each row
+            "centre": centre, "returns": returns}
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,16 +270,28 @@ def masked_logits(logits, seen):
 # Networks and training
 # ----------------------------------------------------------------------------------------
 
-def mlp(i, o, h):
-    return nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, o))
+class ReLUDropout(nn.Module):
+    """ReLU then dropout, one parameter-free layer: an mlp with dropout keeps the state-dict
+    keys of one without (checkpoints stay loadable). p = 0 is a plain ReLU."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(F.relu(x), self.p, self.training)
+
+
+def mlp(i, o, h, dropout=0.0):
+    return nn.Sequential(nn.Linear(i, h), ReLUDropout(dropout), nn.Linear(h, h), ReLUDropout(dropout), nn.Linear(h, o))
 
 
 class IQL(nn.Module):
-    def __init__(self, n_features, n_actions=len(EMOTIONS), hidden=256):
+    def __init__(self, n_features, n_actions=len(EMOTIONS), hidden=256, policy_dropout=0.0):
         super().__init__()
         self.q1, self.q2 = mlp(n_features, n_actions, hidden), mlp(n_features, n_actions, hidden)
         self.v = mlp(n_features, 1, hidden)
-        self.pi = mlp(n_features, n_actions, hidden)
+        self.pi = mlp(n_features, n_actions, hidden, policy_dropout)
         self.register_buffer("seen", torch.ones(n_actions, dtype=torch.bool))
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
@@ -183,7 +309,7 @@ def train(data, cfg: IQLConfig, model=None, targets=None, opt=None, start=0, log
     torch.manual_seed(cfg.seed)
     n, nf = data["s"].shape
     if model is None:
-        model = IQL(nf, hidden=cfg.hidden)
+        model = IQL(nf, hidden=cfg.hidden, policy_dropout=cfg.policy_dropout)
         counts = torch.bincount(data["a"], minlength=len(EMOTIONS))
         model.seen.copy_(counts > 0)
         model.mean.copy_(data["s"].mean(0))
@@ -193,11 +319,13 @@ def train(data, cfg: IQLConfig, model=None, targets=None, opt=None, start=0, log
     if opt is None:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g = torch.Generator()
+    model.train()                       # (a Selector left it in eval mode: dropout back on)
     s_all, s2_all = model.norm(data["s"]), model.norm(data["s2"])
     end = stop_at if stop_at is not None else cfg.steps
     stats = []
     for step in range(start, end):
         g.manual_seed(cfg.seed * 1_000_003 + step)  # minibatch depends on the step only: exact resume
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # and so do the dropout masks
         i = torch.randint(0, n, (min(cfg.batch_size, n),), generator=g)
         s, s2, a, r, d = s_all[i], s2_all[i], data["a"][i], data["r"][i], data["d"][i]
         with torch.no_grad():
@@ -257,7 +385,8 @@ def load(path, domains=None, cfg: IQLConfig | None = None):
                                  f"({len(feature_names(domains))} features). Retrain or use the same domains.")
     if spec["emotions"] != EMOTIONS:
         raise CheckpointMismatch(f"{path}: emotion list differs from this code's")
-    model = IQL(ck["n_features"], hidden=ck["config"]["hidden"])
+    model = IQL(ck["n_features"], hidden=ck["config"]["hidden"],
+                policy_dropout=ck["config"].get("policy_dropout", 0.0))   # (checkpoints made before the knob: 0)
     model.load_state_dict(ck["model"])
     targets = nn.ModuleList([mlp(ck["n_features"], len(EMOTIONS), ck["config"]["hidden"]) for _ in range(2)])
     targets.load_state_dict(ck["targets"])

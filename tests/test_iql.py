@@ -128,3 +128,123 @@ def test_eval_with_a_language_model_student(tmp_path, tiny_lm):
     assert len(van["records"]) == len(sel["records"]) == 20
     assert all(t.get("emotion") is None for r in van["records"] for t in r["turns"] if t["speaker"] == "focal")
     assert all(t["emotion"] in iql.EMOTIONS for r in sel["records"] for t in r["turns"] if t["speaker"] == "focal")
+
+
+# ----------------------------------------------------------------------------------------
+# The reward: the outcome pays once, length does not
+# ----------------------------------------------------------------------------------------
+
+def _rubric_turn(emotion="joy", **comp):
+    """A focal turn scored like the rubric judge: score = 1 + 9 * weighted mean of components."""
+    import negotiate as ng
+    c = {"offer": 1.0, "firmness": 0.8, "effect": 0.3, "closing": 0.5, "fidelity": 1.0, "fluency": 1.0, **comp}
+    score = 1 + 9 * sum(ng.JUDGE_WEIGHTS[k] * v for k, v in c.items()) / sum(ng.JUDGE_WEIGHTS[k] for k in c)
+    return {"speaker": "focal", "text": "x", "emotion": emotion, "offer": 20.0, "score": round(score, 4),
+            "components": c}
+
+
+def _record(n_focal, success, utility, domain="crad", key="k"):
+    """A hand-made judged trajectory of n_focal focal turns (each answered by the counterparty);
+    the last focal turn's closing component is the outcome, as the rubric scores it."""
+    turns = []
+    for j in range(n_focal):
+        last = j == n_focal - 1
+        turns.append(_rubric_turn(closing=(utility if success else 0.0) if last else 0.5))
+        turns.append({"speaker": "counterparty", "text": "y", "offer": 200.0})
+    return {"key": key, "domain": domain, "s0": 20.0, "b0": 220.0, "turns": turns,
+            "outcome": {"success": success, "utility": utility, "agreement": None, "end": "x", "rounds": len(turns)}}
+
+
+def test_rubric_weights_are_the_judges():
+    import negotiate as ng
+    assert iql.RUBRIC_WEIGHTS == ng.JUDGE_WEIGHTS
+
+
+def test_long_failed_episode_returns_less_than_a_short_deal():
+    """Old reward: every turn paid ~+0.4, so 14 turns of talk ending in a walk-away returned more
+    than a 3-turn deal at utility 0.6. Centred, the deal returns more."""
+    recs = [_record(14, False, 0.0, key="long-fail"), _record(3, True, 0.6, key="short-deal")]
+    cfg = iql.IQLConfig()
+    data = iql.transitions(recs, ["crad"], cfg)
+    assert data["returns"][1] > data["returns"][0] + 1.0
+    assert data["returns"][0] < 0 < data["returns"][1]
+    # uncentred (the old reward's centre), length pays: the long failure returns more
+    old = iql.transitions(recs, ["crad"], iql.IQLConfig(judge_centre=0.0))
+    assert old["returns"][0] > old["returns"][1]
+
+
+def test_closing_component_is_not_in_the_per_turn_part():
+    w = iql.RUBRIC_WEIGHTS
+    hi, lo = _rubric_turn(closing=1.0), _rubric_turn(closing=0.0)
+    assert hi["score"] > lo["score"]
+    assert iql.judge_part(hi) == pytest.approx(iql.judge_part(lo), abs=1e-3)
+    rest = {k: v for k, v in hi["components"].items() if k != "closing"}
+    want = 1 + 9 * sum(w[k] * v for k, v in rest.items()) / sum(w[k] for k in rest)
+    assert iql.judge_part(hi) == pytest.approx((want - 5.5) / 4.5, abs=1e-3)
+    # an LLM judge's score (the components are the rubric's, not its own): taken as it is
+    llm = dict(hi, score=3.0)
+    assert iql.judge_part(llm) == pytest.approx((3.0 - 5.5) / 4.5)
+    assert iql.judge_part({"speaker": "focal", "score": 10.0}) == pytest.approx(1.0)
+    # a missing score adds 0, even after centring; the terminal outcome still comes once
+    rec = _record(2, True, 0.5)
+    rec["turns"][0]["score"] = None
+    r = iql.turn_rewards(rec, iql.IQLConfig(outcome_weight=2.0), centre=0.3)
+    assert r[0] == 0.0
+    assert r[1] == pytest.approx(iql.judge_part(rec["turns"][2]) - 0.3 + 2.0 * 0.5)
+
+
+def test_judge_part_is_centred_on_a_collected_corpus(cfg):
+    """On a real (small) judged sim corpus: the per-turn judge part has mean 0 over the rows,
+    where uncentred it is clearly positive, and the return follows utility more than length."""
+    import methods
+    import negotiate as ng
+    doms = list(cfg.domains)
+    recs = methods.play(cfg, doms, range(0, 10), 2, ng.SimTeacher(cfg), ng.SimCounterparty(cfg),
+                        ng.random_emotion_policy(), 0)
+    for rec in recs:
+        ng.add_judge_scores(rec, cfg)
+    hp = iql.IQLConfig()
+    data = iql.transitions(recs, doms, hp)
+    terminal = torch.tensor([(hp.outcome_weight * recs[ri]["outcome"]["utility"] if recs[ri]["outcome"]["success"]
+                              else -hp.fail_penalty) if d else 0.0 for (ri, _), d in zip(data["where"], data["d"])])
+    assert (data["r"] - terminal).mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert data["centre"] > 0.2                     # the uncentred judge part is positive on average
+    corr = iql.return_correlations(recs, hp)
+    assert corr["all"]["n"] == len(recs)
+    assert corr["all"]["utility"] > 0.5 > corr["all"]["length"]
+    old = iql.return_correlations(recs, iql.IQLConfig(judge_centre=0.0))
+    assert old["all"]["length"] > old["all"]["utility"]
+
+
+def test_return_correlations_by_hand():
+    """Three crad trajectories, the shorter the better the deal: the correlations are numpy's
+    over the discounted returns; one student trajectory alone has no correlation (NaN)."""
+    recs = [_record(2, True, 0.9, key="a"), _record(4, True, 0.5, key="b"), _record(8, False, 0.0, key="c"),
+            _record(3, True, 0.7, domain="student", key="d")]
+    hp = iql.IQLConfig()
+    corr = iql.return_correlations(recs, hp)
+    centre = iql.judge_centre(recs, hp)
+    crad = recs[:3]
+    g = [iql.discounted_return(iql.turn_rewards(r, hp, centre), hp.gamma) for r in crad]
+    assert corr["crad"]["n"] == 3 and corr["all"]["n"] == 4
+    assert corr["crad"]["utility"] == pytest.approx(np.corrcoef(g, [0.9, 0.5, 0.0])[0, 1])
+    assert corr["crad"]["length"] == pytest.approx(np.corrcoef(g, [4, 8, 16])[0, 1])
+    assert corr["crad"]["utility"] > 0.9 and corr["crad"]["length"] < -0.9
+    assert np.isnan(corr["student"]["utility"]) and np.isnan(corr["student"]["length"])
+    assert iql.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1])
+    assert np.isnan(iql.pearson([1, 1], [1, 2])) and np.isnan(iql.pearson([1], [2]))
+
+
+def test_policy_dropout_resumes_exactly_keeps_checkpoint_keys_and_is_off_at_inference():
+    data = _synthetic(500)
+    cfg = iql.IQLConfig(steps=40, hidden=16, log_every=10**9, policy_dropout=0.3)
+    full, *_ = iql.train(data, cfg, log=None)
+    m, t, o, step = iql.train(data, cfg, log=None, stop_at=20)
+    iql.Selector(m, {"domains": [], "max_turns": 30})        # leaves the model in eval mode
+    m, *_ = iql.train(data, cfg, m, t, o, start=step, log=None)
+    for a, b in zip(full.state_dict().values(), m.state_dict().values()):
+        assert torch.equal(a, b)
+    assert list(full.state_dict()) == list(iql.IQL(2, hidden=16).state_dict())   # same layout as without dropout
+    full.eval()
+    x = torch.randn(8, 2)
+    assert torch.equal(full.policy_logits(x), full.policy_logits(x))
