@@ -199,30 +199,68 @@ class SFTConfig:
     grad_accum: int = 1          # micro-batches per optimiser step; higher -> larger effective batch
     warmup_frac: float = 0.1     # share of the steps with linear warm-up; then cosine to 0
     max_grad_norm: float = 1.0   # gradient-norm clip
-    heldout_frac: float = 0.1    # share of examples kept out for the early-stopping loss
+    heldout_frac: float = 0.1    # share of examples kept out for the early-stopping loss (rounded up, stratified)
+    min_per_emotion: int = 4     # SFT data: turns per emotion and domain kept even below the top-K cut
     eval_every: int = 10         # optimiser steps between held-out evaluations
     patience: int = 3            # evaluations without improvement before stopping early
     max_len: int = 2048          # longer examples lose prompt tokens from the left (never the response)
     seed: int = 0                # held-out split, batch order and dropout
 
 
-def select_sft_turns(records, adv, where, top_k, max_examples, seed):
-    """The focal turns to imitate: per domain, the top `top_k` percent by advantage; when that
-    is more than `max_examples` in all, a seeded random sample of them, the same number per
-    domain. Per domain so that a domain with larger advantages does not crowd out the others.
-    Returns (record index, turn index, advantage) triples."""
-    by_dom = {}
+def select_sft_turns(records, adv, where, top_k, max_examples, seed, min_per_emotion=4):
+    """The focal turns to imitate, chosen per stratum, a domain and a planned move (offer or
+    accept, the turn's `plan`), so that neither a domain with larger advantages nor the
+    deal-closing accept turns (their advantage carries the outcome: without strata they were
+    42% of the examples, and the student learned to say "Agreed, 52 days" when told to offer)
+    crowd out the rest, by three rules in turn:
+
+    1. top K: the top `top_k` percent of the stratum's focal turns by advantage (at least one);
+    2. per-emotion minimum: every emotion that the domain's turns carry and that has fewer than
+       `min_per_emotion` turns in the top K gets its highest-advantage turns added, even below
+       the cut, until it has `min_per_emotion` or runs out of turns. So every emotion the
+       selector may pick has examples of how to say it (the IQL selector only picks emotions
+       seen in the corpus). Emotion-free turns (emotion None) have no minimum;
+    3. cap: when that is more than the stratum's cap (0: no cap) -- `max_examples // number of
+       domains`, shared between the domain's strata in proportion to their number of turns, at
+       least one each -- the cap is
+       filled first with each emotion's best turns up to its minimum, taken in rounds (every
+       emotion's best turn, then every emotion's second best, ...; within a round, emotions in
+       the order of their best turn), and the rest of the cap with a seeded random sample of the
+       remaining turns. So the cap never drops an emotion below its minimum, unless the
+       minimums alone exceed the cap: then the rounds stop at the cap, which keeps as many
+       emotions covered as the cap allows.
+
+    Deterministic for a given `seed`. Returns (record index, turn index, advantage) triples,
+    per domain grouped by emotion (emotion-free first, then by name) and best first within an
+    emotion, so that `split_heldout`'s evenly spaced pick spreads over domains and emotions."""
+    by_stratum = {}
     for (ri, ti), a in zip(where, adv):
-        by_dom.setdefault(records[ri]["domain"], []).append((float(a), ri, ti))
+        turn = records[ri]["turns"][ti]
+        move = (turn.get("plan") or {}).get("move", "offer")
+        by_stratum.setdefault((records[ri]["domain"], move), []).append((float(a), ri, ti, turn.get("emotion")))
     rng = np.random.default_rng(seed)
-    cap = max(1, max_examples // len(by_dom)) if max_examples else None
+    n_dom = {}
+    for d, _ in by_stratum:
+        n_dom[d] = n_dom.get(d, 0) + 1
+    dom_turns = {d: sum(len(v) for (d2, _), v in by_stratum.items() if d2 == d) for d in n_dom}
+    dom_cap = max(1, max_examples // len(n_dom)) if max_examples else None
     picked = []
-    for d in sorted(by_dom):
-        rows = sorted(by_dom[d], key=lambda x: (-x[0], x[1], x[2]))
-        keep = rows[:max(1, math.ceil(len(rows) * top_k / 100))]
+    for d, move in sorted(by_stratum):
+        cap = max(1, round(dom_cap * len(by_stratum[d, move]) / dom_turns[d])) if dom_cap else None
+        rows = sorted(by_stratum[d, move], key=lambda x: (-x[0], x[1], x[2]))   # rank 0 = best
+        ranks = {}                                                           # emotion -> its ranks, best first
+        for i, row in enumerate(rows):
+            if row[3] is not None:
+                ranks.setdefault(row[3], []).append(i)
+        floors = [rs[:min_per_emotion] for rs in ranks.values()]             # in the order of each best turn
+        keep = set(range(max(1, math.ceil(len(rows) * top_k / 100)))).union(*floors)
         if cap and len(keep) > cap:
-            keep = [keep[i] for i in sorted(rng.choice(len(keep), cap, replace=False))]
-        picked += [(ri, ti, a) for a, ri, ti in keep]
+            reserved = [f[j] for j in range(max(map(len, floors), default=0)) for f in floors if j < len(f)][:cap]
+            rest = sorted(keep.difference(reserved))
+            n = min(cap - len(reserved), len(rest))
+            keep = set(reserved).union(rest[i] for i in rng.choice(len(rest), n, replace=False))
+        keep = sorted(keep, key=lambda i: (rows[i][3] is not None, rows[i][3] or "", i))
+        picked += [(rows[i][1], rows[i][2], rows[i][0]) for i in keep]
     return picked
 
 
@@ -342,11 +380,22 @@ def heldout_loss(model, examples, pad_id, cfg: SFTConfig):
 
 
 def split_heldout(examples, cfg: SFTConfig):
-    """(train, heldout): a seeded share of the examples is kept for early stopping."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(len(examples), generator=g).tolist()
-    k = int(round(len(examples) * cfg.heldout_frac)) if len(examples) >= 10 else 0
-    return [examples[i] for i in perm[k:]], [examples[i] for i in perm[:k]]
+    """(train, heldout): ceil(`heldout_frac` x n) examples are kept for early stopping, so the
+    share is never below `heldout_frac` (25 examples at 0.1: 3 held out); none below 10
+    examples (a held-out loss of one example is noise) and always at least one to train on.
+    The held-out examples are evenly spaced through the list from a seeded offset (positions
+    floor((j + u) n / k), j < k, u uniform in [0, 1)), so a list grouped by domain and emotion,
+    as `select_sft_turns` returns it, gets a held-out share of every group in proportion to
+    its size (a stratified split) rather than a random heap of one domain. Both lists keep
+    the input order; the split depends only on n, `heldout_frac` and `seed` (what
+    `load_checkpoint` checks), so a resumed run splits the same way."""
+    n = len(examples)
+    k = min(math.ceil(n * cfg.heldout_frac - 1e-9), n - 1) if n >= 10 else 0
+    if k <= 0:
+        return list(examples), []
+    u = np.random.default_rng(cfg.seed).random()
+    held = {int((j + u) * n / k) for j in range(k)}
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
 def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, progress=None):

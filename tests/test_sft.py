@@ -3,6 +3,7 @@ template, the training prompt equals the inference prompt, the loss pieces, turn
 advantage, and exact resumption after a kill."""
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -31,20 +32,20 @@ def _played(cfg, model, tok, emotion_free, n=2, max_turns=6):
 
     agent.prompts = recording
     ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), None if emotion_free else ng.random_emotion_policy())
-    return eps, seen
+    return eps, seen, short
 
 
 @pytest.mark.parametrize("emotion_free", [False, True])
 def test_training_prompt_is_the_inference_prompt(cfg, tiny_lm, emotion_free):
     model, tok = tiny_lm
-    eps, seen = _played(cfg, model, tok, emotion_free)
+    eps, seen, short = _played(cfg, model, tok, emotion_free)
     for ep in eps:
         rec = ng.to_record(ep)
         assert len(seen[ep.key]) >= 2
         for t, text in seen[ep.key]:
             assert rec["turns"][t]["speaker"] == "focal"
             assert ("Emotional approach" in text) != emotion_free
-            assert emodistill.sft_prompt(cfg, tok, rec, t, emotion_free) == text
+            assert emodistill.sft_prompt(short, tok, rec, t, emotion_free) == text
 
 
 def test_response_mask_covers_exactly_the_response_on_the_real_template(cfg, smollm2):
@@ -59,7 +60,8 @@ def test_response_mask_covers_exactly_the_response_on_the_real_template(cfg, smo
     prompt = emodistill.sft_prompt(cfg, tok, rec, t)
     ex = lora.encode_example(tok, prompt, response)
     # the ids are the tokenised full conversation as the chat template writes it
-    msgs = ng.build_messages(cfg, ng.episode_from_record(cfg, rec, t), "focal", rec["turns"][t]["emotion"])
+    msgs = ng.build_messages(cfg, ng.episode_from_record(cfg, rec, t), "focal", rec["turns"][t]["emotion"],
+                             move=rec["turns"][t]["plan"])
     full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=False)
     assert full.startswith(tok.decode(ex["input_ids"]))
     assert full[len(tok.decode(ex["input_ids"])):].strip() == ""
@@ -119,13 +121,167 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 def test_select_sft_turns_is_top_k_per_domain():
-    recs = [{"domain": d} for d in ("a", "a", "b")]
+    recs = [{"domain": d, "turns": [{"emotion": None}] * 4} for d in ("a", "a", "b")]
     where = [(0, 1), (0, 3), (1, 1), (1, 3), (2, 1), (2, 3)]
     adv = [0.1, 0.9, 0.5, -1.0, 2.0, 3.0]
     picked = lora.select_sft_turns(recs, adv, where, top_k=50, max_examples=0, seed=0)
     assert sorted((ri, ti) for ri, ti, _ in picked) == [(0, 3), (1, 1), (2, 3)]
+    assert {(ri, ti): a for ri, ti, a in picked} == {(0, 3): 0.9, (1, 1): 0.5, (2, 3): 3.0}
     capped = lora.select_sft_turns(recs, adv, where, top_k=100, max_examples=2, seed=0)
     assert sorted(recs[ri]["domain"] for ri, _, _ in capped) == ["a", "b"]
+
+
+def test_select_sft_turns_keeps_accept_turns_to_their_share():
+    """Deal-closing accept turns carry the outcome in their advantage; ranked with the offer
+    turns they would fill the set, and the student would say "Agreed" when told to offer."""
+    turns = [{"speaker": "focal", "emotion": "joy", "plan": {"move": "accept" if i % 10 == 0 else "offer"}}
+             for i in range(200)]
+    recs = [{"domain": "a", "turns": turns}]
+    where = [(0, i) for i in range(200)]
+    adv = [5.0 + i / 100 if t["plan"]["move"] == "accept" else i / 1000 for i, t in enumerate(turns)]
+    picked = lora.select_sft_turns(recs, adv, where, top_k=20, max_examples=40, seed=0, min_per_emotion=0)
+    moves = [turns[ti]["plan"]["move"] for _, ti, _ in picked]
+    assert len(picked) == 40 and moves.count("accept") == 4          # 10% of the turns, 10% of the set
+    # within a stratum still the best by advantage: the offer turns kept are the top 20% of offers
+    offers = sorted(a for _, ti, a in picked if turns[ti]["plan"]["move"] == "offer")
+    assert min(offers) >= sorted(a for a, t in zip(adv, turns) if t["plan"]["move"] == "offer")[-36]
+
+
+def _corpus(spec, turns_per_record=3):
+    """records, adv, where for select_sft_turns from {domain: [(emotion, advantage), ...]}:
+    every turn its own (record, turn) place, a few turns per record."""
+    records, adv, where = [], [], []
+    for d, turns in spec.items():
+        for s in range(0, len(turns), turns_per_record):
+            chunk = turns[s:s + turns_per_record]
+            records.append({"domain": d, "turns": [{"speaker": "focal", "emotion": e} for e, _ in chunk]})
+            for ti, (_, a) in enumerate(chunk):
+                where.append((len(records) - 1, ti))
+                adv.append(a)
+    return records, adv, where
+
+
+def _by(records, picked, domain=None):
+    """{(domain, emotion): sorted advantages} of the picked turns."""
+    out = {}
+    for ri, ti, a in picked:
+        d = records[ri]["domain"]
+        if domain is None or d == domain:
+            out.setdefault((d, records[ri]["turns"][ti]["emotion"]), []).append(a)
+    return {k: sorted(v, reverse=True) for k, v in out.items()}
+
+
+def test_select_sft_turns_tops_up_every_emotion_to_its_minimum():
+    """An emotion that only appears below the top-K cut still gets its best turns, up to the
+    minimum or as many as it has; emotion-free turns get no minimum; the top K stays."""
+    turns = [("joy", 10.0 - i / 10) for i in range(20)]               # the whole top 10% is joy
+    turns += [("anger", -1.0 - i) for i in range(10)]                 # anger: only below the cut
+    turns += [("fear", -50.0 - i) for i in range(3)]                  # fear: the very bottom, 3 turns
+    turns += [(None, -100.0 - i) for i in range(5)]                   # emotion-free turns
+    turns += [("calm", 0.0 - i / 10) for i in range(162)]             # the bulk, 200 turns in all
+    recs, adv, where = _corpus({"a": turns, "b": [(e, a + 1.0) for e, a in turns]})
+    picked = lora.select_sft_turns(recs, adv, where, top_k=10, max_examples=0, seed=0, min_per_emotion=4)
+    for d, shift in (("a", 0.0), ("b", 1.0)):
+        got = _by(recs, picked, d)
+        assert got[(d, "joy")] == [10.0 - i / 10 + shift for i in range(20)]      # the top 10% (20 of 200)
+        assert got[(d, "anger")] == [-1.0 - i + shift for i in range(4)]          # its 4 best
+        assert got[(d, "fear")] == [-50.0 - i + shift for i in range(3)]          # all it has
+        assert got[(d, "calm")] == [0.0 - i / 10 + shift for i in range(4)]
+        assert (d, None) not in got
+    assert len(picked) == 2 * (20 + 4 + 3 + 4)
+    # without the minimum: the plain top 10%
+    plain = lora.select_sft_turns(recs, adv, where, top_k=10, max_examples=0, seed=0, min_per_emotion=0)
+    assert set(_by(recs, plain)) == {("a", "joy"), ("b", "joy")} and len(plain) == 40
+
+
+def _skewed(domains=("a", "b", "c"), n=400, seed=0):
+    """Per domain n turns of 8 emotions; two emotions hold the best advantages, one (rare) is
+    seen only 3 times and only at the bottom."""
+    g = torch.Generator().manual_seed(seed)
+    emos = ["joy", "pride", "anger", "fear", "grief", "relief", "caring", "rare"]
+    spec = {}
+    for k, d in enumerate(domains):
+        a = torch.randn(n, generator=g).tolist()
+        turns = []
+        for i, x in enumerate(a):
+            e = emos[i % 7]
+            turns.append((e, x + (3.0 if e in ("joy", "pride") else 0.0) + k))
+        turns += [("rare", -10.0 - i) for i in range(3)]
+        spec[d] = turns
+    return _corpus(spec), emos
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_select_sft_turns_cap_keeps_minimums_and_domain_balance(seed):
+    (recs, adv, where), emos = _skewed()
+    best = {}                                                         # (domain, emotion) -> all advantages
+    for (ri, ti), a in zip(where, adv):
+        best.setdefault((recs[ri]["domain"], recs[ri]["turns"][ti]["emotion"]), []).append(a)
+    best = {k: sorted(v, reverse=True) for k, v in best.items()}
+    uncapped = lora.select_sft_turns(recs, adv, where, top_k=10, max_examples=0, seed=seed, min_per_emotion=4)
+    assert len(uncapped) > 3 * 40                                     # so the cap below bites
+    picked = lora.select_sft_turns(recs, adv, where, top_k=10, max_examples=120, seed=seed, min_per_emotion=4)
+    assert len(picked) == 120 and len({(ri, ti) for ri, ti, _ in picked}) == 120
+    assert set((ri, ti, a) for ri, ti, a in picked) <= set(uncapped)  # the cap only drops turns
+    got = _by(recs, picked)
+    for d in ("a", "b", "c"):
+        assert sum(len(v) for (dd, _), v in got.items() if dd == d) == 40       # the same number per domain
+        for e in emos:
+            want = best[(d, e)][:4]                                   # each emotion's best 4 (rare: its 3)
+            assert got[(d, e)][:len(want)] == want, (d, e)
+
+
+def test_select_sft_turns_cap_below_the_minimums_covers_every_emotion():
+    """When the minimums alone exceed the cap, the cap wins and is shared in rounds: every
+    emotion's best turn first (8 emotions, a cap of 10: each one, two of them twice)."""
+    (recs, adv, where), emos = _skewed()
+    picked = lora.select_sft_turns(recs, adv, where, top_k=10, max_examples=30, seed=0, min_per_emotion=4)
+    got, every = _by(recs, picked), _by(recs, [(ri, ti, a) for (ri, ti), a in zip(where, adv)])
+    assert len(picked) == 30
+    for d in ("a", "b", "c"):
+        assert sorted(len(got[(d, e)]) for e in emos) == [1] * 6 + [2, 2], d
+        for e in emos:
+            assert got[(d, e)] == every[(d, e)][:len(got[(d, e)])]     # each emotion's best turns
+        twice = {e for e in emos if len(got[(d, e)]) == 2}             # the second round: the best emotions
+        assert twice == set(sorted(emos, key=lambda e: -every[(d, e)][0])[:2])
+
+
+def test_select_sft_turns_is_deterministic_under_the_seed():
+    (recs, adv, where), _ = _skewed()
+    run = [lora.select_sft_turns(recs, adv, where, 10, 120, s, min_per_emotion=4) for s in (0, 0, 1)]
+    assert run[0] == run[1]
+    assert set(run[0]) != set(run[2])                                 # the sampled rest moves with the seed
+    kept = [{(ri, ti) for ri, ti, _ in r} for r in run]
+    assert len(kept[0] & kept[2]) >= 3 * 8 * 4 - 3                    # ... the minimums do not
+    shuffled = list(zip(where, adv))[::-1]                            # nor does the corpus order matter
+    again = lora.select_sft_turns(recs, [a for _, a in shuffled], [w for w, _ in shuffled], 10, 120, 0,
+                                  min_per_emotion=4)
+    assert again == run[0]
+
+
+@pytest.mark.parametrize("n", [10, 11, 19, 25, 30, 64, 99, 256, 257, 1000])
+def test_heldout_is_at_least_its_share(n):
+    cfg = lora.SFTConfig()
+    train, held = lora.split_heldout(list(range(n)), cfg)
+    assert len(held) == math.ceil(n * cfg.heldout_frac - 1e-9) and len(held) >= 0.1 * n
+    assert sorted(train + held) == list(range(n)) and train == sorted(train)
+    assert lora.split_heldout(list(range(n)), cfg) == (train, held)
+    assert lora.split_heldout(list(range(n)), dataclasses.replace(cfg, heldout_frac=0.25))[1].__len__() == \
+        math.ceil(n / 4)
+    if n == 25:
+        assert len(held) == 3
+
+
+def test_heldout_split_is_stratified_and_seeded():
+    # 4 domains of 25 examples each, in the order select_sft_turns returns them
+    exs = [(d, i) for d in "abcd" for i in range(25)]
+    helds = [lora.split_heldout(exs, lora.SFTConfig(seed=s))[1] for s in range(6)]
+    for held in helds:
+        assert sorted(sum(1 for d, _ in held if d == dd) for dd in "abcd") == [2, 2, 3, 3]
+    assert len({tuple(h) for h in helds}) > 1                         # the seed moves the pick
+    assert lora.split_heldout(exs[:9], lora.SFTConfig())[1] == []     # too few for a held-out loss
+    assert lora.split_heldout(exs, lora.SFTConfig(heldout_frac=0.0))[1] == []
+    assert len(lora.split_heldout(exs[:10], lora.SFTConfig(heldout_frac=0.99))[0]) == 1   # one left to train
 
 
 def _examples(tok, n=12):
@@ -208,11 +364,12 @@ def test_sft_jpo_eval_stages_on_a_tiny_model(tmp_path, tiny_lm, capsys, kill_aft
     assert "resuming from step" in capsys.readouterr().out
     rows = [json.loads(x) for x in open(os.path.join(out, "sft_data.jsonl"))]
     assert len(rows) == 8 and len({r["domain"] for r in rows}) == 4
+    assert len({(r["domain"], r["emotion"]) for r in rows}) == 8     # a cap of 2 per domain: two emotions each
     assert all("Emotional approach" in r["prompt"] for r in rows)
     assert run(["sft", "--out", out, *small, "--emotion-free"]) == 0
     free = [json.loads(x) for x in open(os.path.join(out, "sft-emotion-free_data.jsonl"))]
     assert not any("Emotional approach" in r["prompt"] for r in free)
-    jp = ["--student", student, "--scenarios-per-domain", "1", "--group-size", "2", "--epochs", "1",
+    jp = ["--student", student, "--states-per-domain", "1", "--group-size", "2", "--epochs", "1",
           "--batch-size", "4"]
     assert run(["jpo", "--out", out, *jp]) == 0
     assert run(["jpo", "--out", out, *jp, "--emotion-free"]) == 0
