@@ -26,8 +26,8 @@ import emomas
 import negotiate as ng
 import report
 from domains import SIDES, TEST_IDS, TRAIN_IDS, DomainConfigError, check_emotions, load_config, make_scenarios, pick_domains
-from methods import (TEACHER_METHODS, adapter_folder, adapter_sha, best_fixed_emotions, chooser, play, side_agent,
-                     uses_selector)
+from methods import (STUDENT_TEMPERATURE, TEACHER_METHODS, adapter_folder, adapter_sha, best_fixed_emotions, chooser,
+                     play, side_agent, uses_selector)
 from models import lm_cost, load_lm, make_agent, make_judge
 from runs import (PartialJsonl, StageError, domains_sha, machine_facts, mark_complete, need, parse_ids, prepare_out,
                   progress_bar, read_json, read_jsonl, settings_diff, sha, step_bar, write_json_atomic)
@@ -213,16 +213,21 @@ def _adapter_stage(out, stage, name, settings, force, retrain_stale=False):
     return ckpt
 
 
-def sft_prompt(cfg, tok, rec, turn_index, emotion_free=False):
-    """The exact text LMAgent feeds the model before focal turn `turn_index` of `rec`."""
+def sft_prompt(cfg, tok, rec, turn_index, emotion_free=False, offers="planned"):
+    """The exact text LMAgent feeds the model before focal turn `turn_index` of `rec` (the
+    compact state prompt with that turn's planned move and emotion)."""
     ep = ng.episode_from_record(cfg, rec, turn_index)
-    emotion = rec["turns"][turn_index].get("emotion")
-    return tok.apply_chat_template(ng.build_messages(cfg, ep, "focal", emotion, emotion_free),
+    turn = rec["turns"][turn_index]
+    if offers == "planned" and "plan" not in turn:
+        raise StageError(f"record {rec.get('key')} has no planned moves (a corpus collected before the offer "
+                         f"planner): re-run collect with --force, or use --offers free")
+    return tok.apply_chat_template(ng.build_messages(cfg, ep, "focal", turn.get("emotion"), emotion_free, offers,
+                                                     turn.get("plan")),
                                    add_generation_prompt=True, tokenize=False)
 
 
 def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", student="smollm2", emotion_free=False,
-              name=None, selector=None, top_k=10.0, max_examples=64, epochs=3.0, lr=2e-3, r=16, alpha=32,
+              offers="planned", name=None, selector=None, top_k=10.0, max_examples=64, epochs=3.0, lr=2e-3, r=16, alpha=32,
               batch_size=8, grad_accum=1, seed=0, on_bad_line="error", force=False, retrain_stale=False):
     """LoRA SFT of the student on the top-K% advantage focal turns -> runs/NAME/<name>/ (adapter).
     retrain_stale: retrain an adapter made from other inputs instead of refusing it."""
@@ -236,7 +241,8 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
     need(os.path.join(out, "judged.jsonl"), "run judge first")
     sel_path = need(selector or os.path.join(out, "iql.pt"), "sft ranks turns with the IQL value net: run iql first")
     hp = lora.SFTConfig(r=r, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, seed=seed)
-    settings = {"student": student, "emotion_free": emotion_free, "top_k": top_k, "max_examples": max_examples,
+    settings = {"student": student, "emotion_free": emotion_free, "offers": offers, "top_k": top_k,
+                "max_examples": max_examples,
                 "config": asdict(hp), "selector_sha": sha(sel_path), "judged_sha": sha(os.path.join(out, "judged.jsonl")),
                 "domains_file_sha": domains_sha(domains_file, side)}
     ckpt = _adapter_stage(out, "sft", name, settings, force, retrain_stale)
@@ -248,11 +254,11 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
     records = [rec for rec in records if rec["domain"] in spec["domains"]]
     data = iql.transitions(records, spec["domains"], iql.IQLConfig(**spec["config"]), spec["max_turns"])
     adv = iql.advantages(model_q, data, spec["config"]["gamma"]).tolist()
-    picked = lora.select_sft_turns(records, adv, data["where"], top_k, max_examples, seed)
+    picked = lora.select_sft_turns(records, adv, data["where"], top_k, max_examples, seed, hp.min_per_emotion)
     model, tok = load_lm(student)
     rows = [{"key": records[ri]["key"], "turn": ti, "domain": records[ri]["domain"],
              "emotion": records[ri]["turns"][ti].get("emotion"), "advantage": round(a, 4),
-             "prompt": sft_prompt(cfg, tok, records[ri], ti, emotion_free),
+             "prompt": sft_prompt(cfg, tok, records[ri], ti, emotion_free, offers),
              "response": records[ri]["turns"][ti]["text"]} for ri, ti, a in picked]
     n_all, adv_mean = len(adv), sum(adv) / len(adv)
     del records, data, adv                                  # the corpus is not needed while training
@@ -261,9 +267,12 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
         os.remove(sink.partial)
     sink.append(rows)
     sink.finish()
-    print(f"[sft] {len(rows)} examples: top {top_k}% of {n_all} focal turns by IQL advantage per domain"
-          + (f", sampled down to {max_examples}" if len(rows) < math.ceil(n_all * top_k / 100) else "")
-          + f"; mean advantage {sum(x['advantage'] for x in rows) / len(rows):.3f} (all turns "
+    per_dom = {d: [x["emotion"] for x in rows if x["domain"] == d] for d in sorted({x["domain"] for x in rows})}
+    print(f"[sft] {len(rows)} examples: top {top_k}% (~{math.ceil(n_all * top_k / 100)}) of {n_all} focal turns "
+          f"by IQL advantage per domain, topped up to {hp.min_per_emotion} per emotion"
+          + (f", capped at {max_examples}" if max_examples else "")
+          + " (" + ", ".join(f"{d} {len(e)} with {len(set(e) - {None})} emotions" for d, e in per_dom.items())
+          + f"); mean advantage {sum(x['advantage'] for x in rows) / len(rows):.3f} (all turns "
           f"{adv_mean:.3f}){'; emotion-free prompts' if emotion_free else ''}")
     examples = [lora.encode_example(tok, x["prompt"], x["response"]) for x in rows]
     lens = sorted(len(e["input_ids"]) for e in examples)
@@ -287,9 +296,16 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
 
 
 def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", student="smollm2", emotion_free=False,
-              name=None, scenarios_per_domain=8, group_size=4, epochs=2.0, lr=2e-4, clip_eps=0.2, kl_coef=0.04,
-              batch_size=8, grad_accum=1, seed=0, on_bad_line="error", force=False):
-    """JPO of the SFT adapter on offline focal turns with judge scores -> runs/NAME/<name>/."""
+              offers="planned", name=None, jpo_mode="resample", states_per_domain=8, group_size=4, states_per_step=2,
+              epochs=2.0, lr=2e-4,
+              clip_eps=0.2, kl_coef=0.04, batch_size=8, grad_accum=1, seed=0, on_bad_line="error", force=False):
+    """JPO of the SFT adapter -> runs/NAME/<name>/. A group is one state (domain, scenario,
+    focal turn index). jpo_mode offline (the paper): `group_size` judged corpus turns of each
+    state, with their stored scores. resample: `group_size` replies a state sampled from the
+    current policy, each scored by the rubric judge after one simulated counterparty reply
+    (negotiate.judge_reply), `states_per_step` states a step."""
+    import functools
+
     import torch
 
     import jpo
@@ -299,44 +315,71 @@ def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", stu
     init = os.path.join(out, "sft-emotion-free" if emotion_free else "sft")
     folder = os.path.join(out, name)
     need(os.path.join(out, "judged.jsonl"), "run judge first")
+    if jpo_mode not in jpo.JPO_MODES:
+        raise ValueError(f"jpo_mode must be one of {jpo.JPO_MODES}, got '{jpo_mode}'")
     if not os.path.exists(os.path.join(init, "adapter_model.safetensors")):
         raise StageError(f"jpo starts from the SFT adapter {init}, which is missing; run "
                          f"`emodistill.py sft{' --emotion-free' if emotion_free else ''}` first")
     hp = jpo.JPOConfig(clip_eps=clip_eps, kl_coef=kl_coef, lr=lr, epochs=epochs, batch_size=batch_size,
-                       grad_accum=grad_accum, seed=seed)
-    settings = {"student": student, "emotion_free": emotion_free, "config": asdict(hp),
-                "scenarios_per_domain": scenarios_per_domain, "group_size": group_size,
+                       grad_accum=grad_accum, seed=seed, mode=jpo_mode, group_size=group_size,
+                       states_per_step=states_per_step)
+    settings = {"student": student, "emotion_free": emotion_free, "offers": offers, "config": asdict(hp),
+                "states_per_domain": states_per_domain,
                 "sft_sha": sha(os.path.join(init, "adapter_model.safetensors")),
                 "judged_sha": sha(os.path.join(out, "judged.jsonl")), "domains_file_sha": domains_sha(domains_file, side)}
     ckpt = _adapter_stage(out, "jpo", name, settings, force)
     if ckpt is None:
         return folder
-    # load: groups of judged offline turns, and the SFT adapter (also the frozen reference)
+    # load: the training states (groups), and the SFT adapter (also the frozen reference)
     records = [rec for rec in load_judged(out, on_bad_line) if rec["domain"] in cfg.domains]
-    picked = jpo.select_jpo_turns(records, scenarios_per_domain, group_size, seed)
+    resample = jpo_mode == "resample"
+    picked = (jpo.select_jpo_turns(records, states_per_domain, 1, seed, min_group=1) if resample
+              else jpo.select_jpo_turns(records, states_per_domain, group_size, seed))
     if not picked:
         raise StageError("no judged focal turns to optimise on")
     model, tok = load_lm(student)
     lora.load_adapter(model, init)
-    prompts = [sft_prompt(cfg, tok, records[ri], ti, emotion_free) for ri, ti, _ in picked]
-    examples = [lora.encode_example(tok, p, records[ri]["turns"][ti]["text"]) for p, (ri, ti, _) in zip(prompts, picked)]
-    rewards = [records[ri]["turns"][ti]["score"] for ri, ti, _ in picked]
-    groups = [g for _, _, g in picked]
-    del records
-    print(f"[jpo] {len(examples)} offline focal turns in {len(set(groups))} scenario groups; judge score mean "
-          f"{sum(rewards) / len(rewards):.2f}; starting from {init}{'; emotion-free prompts' if emotion_free else ''}")
-    # the algorithm: clipped ratio to the frozen SFT policy plus the k3 KL anchor
+    prompts = [sft_prompt(cfg, tok, records[ri], ti, emotion_free, offers) for ri, ti, _ in picked]
+    pad_id = tok.pad_token_id or 0
     torch.manual_seed(seed)
     bar, tick = step_bar("jpo")
-    stats = jpo.train_jpo(model, examples, rewards, groups, tok.pad_token_id or 0, hp, ckpt=ckpt, log=bar.write,
-                          progress=tick)
+    if resample:
+        # each state: its corpus record and focal turn; G fresh replies a step from the policy,
+        # judged after one simulated counterparty reply (the same counterparty draws for the G)
+        states = [(records[ri], ti) for ri, ti, _ in picked]
+        del records
+        perceiver = ng.Perceiver(cfg.emotions)
+
+        def score(state, texts):
+            rec, ti = state
+            return [ng.judge_reply(cfg, rec, ti, t, perceiver) for t in texts]
+        sample = functools.partial(jpo.sample_replies, model, tok, cfg=hp, clean=ng._clean_reply)
+        print(f"[jpo] re-sample mode: {len(states)} states, {group_size} sampled replies each, {states_per_step} "
+              f"states a step; corpus judge score of those turns {sum(r['turns'][t]['score'] for r, t in states) / len(states):.2f}; "
+              f"starting from {init}{'; emotion-free prompts' if emotion_free else ''}")
+        # the algorithm: clipped ratio to the frozen SFT policy plus the k3 KL anchor, on fresh samples
+        stats = jpo.train_jpo_resample(model, states, prompts, sample, score,
+                                       functools.partial(lora.encode_example, tok), pad_id, hp, ckpt=ckpt,
+                                       log=bar.write, progress=tick)
+    else:
+        examples = [lora.encode_example(tok, p, records[ri]["turns"][ti]["text"]) for p, (ri, ti, _) in zip(prompts, picked)]
+        rewards = [records[ri]["turns"][ti]["score"] for ri, ti, _ in picked]
+        groups = [g for _, _, g in picked]
+        del records
+        print(f"[jpo] {len(examples)} offline focal turns in {len(set(groups))} same-state groups (domain, scenario, "
+              f"turn); judge score mean {sum(rewards) / len(rewards):.2f}; starting from "
+              f"{init}{'; emotion-free prompts' if emotion_free else ''}")
+        # the algorithm: clipped ratio to the frozen SFT policy plus the k3 KL anchor
+        stats = jpo.train_jpo(model, examples, rewards, groups, pad_id, hp, ckpt=ckpt, log=bar.write, progress=tick)
     bar.close()
     lora.save_adapter(model, folder, student)
     write_json_atomic(os.path.join(folder, "train_stats.json"), {**stats, "machine": machine_facts()})
     mark_complete(out, f"{name}.json")
     last = stats["history"][-1]
     print(f"[jpo] {folder}: {stats['total_steps']} steps in {stats['seconds']}s; last step ratio {last['ratio']:.3f} "
-          f"approx-KL {last['approx_kl']:.4f} clip fraction {last['clip_frac']:.2f}")
+          f"approx-KL {last['approx_kl']:.4f} clip fraction {last['clip_frac']:.2f}"
+          + (f"; sample judge score {stats['history'][0]['score']:.2f} at step 1, {last['score']:.2f} at the last"
+             if resample else ""))
     return folder
 
 
@@ -347,7 +390,7 @@ def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", stu
 def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", methods=",".join(TEACHER_METHODS),
              domains=ALL_DOMAINS, seeds=5, select_seeds=3, student="smollm2", counterparty="sim", persona=None,
              sample=False, seed=0, scenario_seed=0, scenarios_csv=None, split="test", eval_dir="eval", lm_batch=64,
-             write_report=True, force=False):
+             offers="planned", temperature=STUDENT_TEMPERATURE, write_report=True, force=False):
     """Run methods on held-out scenarios (80-99) x seeds; write eval/<method>.json and results.md."""
     cfg = load_config(domains_file, side=side)
     doms = pick_domains(cfg, domains)
@@ -367,6 +410,8 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
         settings = {"domains": doms, "seeds": seeds, "seed": seed, "split": split, "scenario_seed": scenario_seed,
                     "persona": persona, "counterparty": counterparty,
                     "student": None if m.startswith("teacher-") else student, "sample": sample,
+                    "offers": None if m.startswith("teacher-") else offers,
+                    "temperature": None if m.startswith("teacher-") else temperature,
                     "best_fixed": best if "best-fixed" in m else None, "domains_file_sha": dsha,
                     "selector_sha": sha(iql_path) if uses_selector(m) and os.path.exists(iql_path) else None,
                     "adapter_sha": adapter_sha(out, m)}
@@ -379,7 +424,8 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
                 print(f"[eval] {m}: cached in {path}")
                 continue
             print(f"[eval] {m}: {path} was made with other settings (or another selector); re-running")
-        focal, policy = side_agent(m, cfg, out, doms, student, lm_batch, sample, seed, cache, best)
+        focal, policy = side_agent(m, cfg, out, doms, student, lm_batch, sample, seed, cache, best, offers,
+                                   temperature)
         cp = make_agent(counterparty, "counterparty", cfg, seed + 1, lm_batch, model_cache=cache)
         t0 = time.time()
         recs = play(cfg, doms, TEST_IDS if split == "test" else TRAIN_IDS, seeds, focal, cp, policy, seed, persona,
@@ -438,6 +484,9 @@ def shared_flags():
                          ("--epochs", dict(type=float)), ("--lr", dict(type=float)),
                          ("--batch-size", dict(type=int, help="sequences per forward pass")),
                          ("--grad-accum", dict(type=int, help="forward passes per optimiser step"))),
+        "offers": flags(("--offers", dict(choices=ng.OFFER_MODES, help="planned: the prompt states the offer "
+                                          "planner's move for the turn; free: the LM picks the number (the paper's "
+                                          "setting)"))),
         "eval": flags(("--methods", dict(help="comma-separated: vanilla, random, fixed:<emotion>, best-fixed, iql, "
                                          "iql+sft, emodistill, sft-emotion-free, jpo-emotion-free, and "
                                          "teacher-<chooser> for the SimTeacher as expresser")),
@@ -455,6 +504,7 @@ def build_parser():
     """One subcommand per stage; flags map one to one onto the stage function's parameters
     (dest = parameter name), and a flag left out takes the function's default."""
     import bench
+    import probe
     import studies
     p = argparse.ArgumentParser(prog="emodistill.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -486,21 +536,31 @@ def build_parser():
             ("--expectile", dict(type=float)), ("--beta", dict(type=float, help="AWR inverse temperature")),
             ("--save-every", dict(type=_positive, help="checkpoint interval in steps")))
     command("sft", train_sft, "LoRA SFT of the student on the top-K%% advantage turns",
-            ["out", "run", "seed", "bad", "student", "adapter"],
+            ["out", "run", "seed", "bad", "student", "adapter", "offers"],
             ("--selector", dict(help="the IQL checkpoint that ranks the turns (default RUN/iql.pt)")),
             ("--top-k", dict(type=float, help="percent of focal turns kept, by IQL advantage")),
             ("--max-examples", dict(type=int, help="cap on examples (a seeded sample of the top-K%%, equal per "
                                     "domain); 0 = no cap")),
             ("--r", dict(type=int, help="LoRA rank")), ("--alpha", dict(type=int, help="LoRA alpha (scale alpha / r)")))
-    command("jpo", train_jpo, "Judge Policy Optimization of the SFT adapter", ["out", "run", "seed", "bad", "student", "adapter"],
-            ("--scenarios-per-domain", dict(type=int, help="training scenarios (groups) per domain")),
-            ("--group-size", dict(type=int, help="offline focal turns per scenario group")),
+    command("jpo", train_jpo, "Judge Policy Optimization of the SFT adapter",
+            ["out", "run", "seed", "bad", "student", "adapter", "offers"],
+            ("--jpo-mode", dict(choices=["offline", "resample"], help="offline: corpus turns with their stored "
+                                "judge scores (the paper); resample: replies sampled from the current policy, judged "
+                                "after one simulated counterparty reply (GRPO-style)")),
+            ("--states-per-domain", dict(type=int, help="training states (groups) per domain; a state is (scenario, "
+                                         "focal turn index)")),
+            ("--scenarios-per-domain", dict(type=int, dest="states_per_domain", help="old name of --states-per-domain")),
+            ("--group-size", dict(type=int, help="turns per state group: corpus turns drawn (offline) or replies "
+                                  "sampled (resample)")),
+            ("--states-per-step", dict(type=int, help="resample: states whose sampled groups make one optimiser step")),
             ("--clip-eps", dict(type=float)), ("--kl-coef", dict(type=float)))
-    command("eval", evaluate, "evaluate methods on held-out scenarios", EVAL_FLAGS,
+    command("eval", evaluate, "evaluate methods on held-out scenarios", EVAL_FLAGS + ["offers"],
+            ("--temperature", dict(type=float, help="the student's sampling temperature (0 = greedy)")),
             ("--no-report", dict(dest="write_report", action="store_false", help="only write eval/<method>.json "
                                  "(train.sh runs methods side by side this way, then one eval of all writes results.md)")))
     studies.add_commands(command, _positive)
     bench.add_command(command)
+    probe.add_command(command)
     return p
 
 

@@ -78,7 +78,14 @@ def adapter_sha(out, method):
     return sha(os.path.join(folder, "adapter_model.safetensors")) if folder else None
 
 
-def side_agent(method, cfg, out, doms, student, lm_batch, sample, seed, cache, best=None):
+# the student's decoding: greedy. Chosen by `emodistill.py probe` on training scenarios 72-79 with an
+# adapter trained on 0-71 (docs/notebook.md, entry 31): greedy stated the planned move in 83% of
+# replies and the requested emotion in 70%, sampling at temperature 0.7 in 62% and 66%.
+STUDENT_TEMPERATURE = 0.0
+
+
+def side_agent(method, cfg, out, doms, student, lm_batch, sample, seed, cache, best=None, offers="planned",
+               temperature=STUDENT_TEMPERATURE):
     """The focal-role expresser of `method` and its emotion policy (None = emotion-free): the
     SimTeacher for teacher-*, else the student LM with the method's adapter from run folder
     `out`, whose iql.pt the policy uses."""
@@ -86,7 +93,8 @@ def side_agent(method, cfg, out, doms, student, lm_batch, sample, seed, cache, b
     if method.startswith("teacher-"):
         return ng.SimTeacher(cfg), policy
     return make_agent(student, "focal", cfg, seed, lm_batch, emotion_free=policy is None,
-                      model_cache=cache, adapter=adapter_folder(out, method)), policy
+                      model_cache=cache, adapter=adapter_folder(out, method), offers=offers,
+                      temperature=temperature), policy
 
 
 def play(cfg, doms, ids, seeds, focal, cp, policy, run_seed, persona=None, scenario_seed=0):

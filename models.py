@@ -99,13 +99,14 @@ def lm_cost(agent):
     return line
 
 
-def make_agent(spec, role, cfg, seed=0, batch_size=32, emotion_free=False, model_cache=None, adapter=None):
+def make_agent(spec, role, cfg, seed=0, batch_size=32, emotion_free=False, model_cache=None, adapter=None,
+               offers="planned", temperature=0.7):
     """Agent from a command-line spec: sim | smollm2 | hf:<id or path> | api:<model>.
     `adapter`: a LoRA adapter folder loaded onto (a private copy of) the LM and merged."""
     if spec == "sim":
         return ng.SimTeacher(cfg) if role == "focal" else ng.SimCounterparty(cfg)
     if spec.startswith("api:"):
-        return ng.ApiAgent(spec[4:], cfg, role=role, emotion_free=emotion_free)
+        return ng.ApiAgent(spec[4:], cfg, role=role, emotion_free=emotion_free, offers=offers, temperature=temperature)
     if spec == "smollm2" or spec.startswith("hf:") or os.path.isdir(spec):
         key = spec[3:] if spec.startswith("hf:") else spec
         cache = model_cache if model_cache is not None else {}
@@ -117,7 +118,8 @@ def make_agent(spec, role, cfg, seed=0, batch_size=32, emotion_free=False, model
                 lora.merge(model)
             cache[(key, adapter)] = (model, tok)
         model, tok = cache[(key, adapter)]
-        return ng.LMAgent(model, tok, cfg, role=role, batch_size=batch_size, emotion_free=emotion_free, seed=seed)
+        return ng.LMAgent(model, tok, cfg, role=role, batch_size=batch_size, emotion_free=emotion_free, seed=seed,
+                          offers=offers, temperature=temperature)
     raise ValueError(f"unknown agent spec '{spec}' (use sim, smollm2, hf:<model>, api:<model>)")
 
 

@@ -74,6 +74,7 @@ class Episode:
     rng_policy: np.random.Generator
     rng_focal: np.random.Generator
     rng_cp: np.random.Generator
+    rng_plan: np.random.Generator               # the offer planner's own stream (plan_move)
     turns: list = field(default_factory=list)   # dicts: speaker, text, emotion, perceived, offer, ...
     offers: dict = field(default_factory=lambda: {"focal": None, "counterparty": None})
     private: dict = field(default_factory=dict)  # per-agent private memory
@@ -95,7 +96,7 @@ class Episode:
 
 def new_episode(dom, sc, seed, run_seed=0):
     base = ("episode", run_seed, dom.key, sc.id, seed)
-    return Episode(dom, sc, seed, _rng(*base, "policy"), _rng(*base, "focal"), _rng(*base, "cp"))
+    return Episode(dom, sc, seed, _rng(*base, "policy"), _rng(*base, "focal"), _rng(*base, "cp"), _rng(*base, "plan"))
 
 
 def episode_from_record(cfg: Config, rec, upto=None):
@@ -133,6 +134,8 @@ def run_episodes(cfg: Config, eps, focal, counterparty, choose_emotion=None, per
         focal_turn = [ep for ep in live if ep.t % 2 == 0]
         cp_turn = [ep for ep in live if ep.t % 2 == 1]
         if focal_turn:
+            for ep in focal_turn:                # which number: the same planner for every focal agent
+                ep.private["move"] = plan_move(ep)
             emos = choose_emotion(focal_turn) if choose_emotion else [None] * len(focal_turn)
             for ep, emo, rep in zip(focal_turn, emos, focal.act(focal_turn, emos)):
                 _apply(ep, "focal", rep, cfg, perceiver, emo)
@@ -158,6 +161,8 @@ def _apply(ep, speaker, reply, cfg, perceiver, emotion=None):
     if speaker == "focal":
         turn["emotion"] = emotion
         turn["perceived"] = perceiver(reply.text)
+        if "move" in ep.private:
+            turn["plan"] = ep.private["move"]
     elif reply.emotion is not None:      # a trained agent on the counterparty side (MirroredAgent)
         turn["emotion"] = reply.emotion
     turn["offer"] = offer
@@ -189,6 +194,53 @@ def offer_bounds(sc):
     lo, hi = min(sc.s0, sc.b0), max(sc.s0, sc.b0)
     pad = 0.5 * (hi - lo)
     return lo - pad, hi + pad
+
+
+# ----------------------------------------------------------------------------------------
+# The offer planner: which number the focal side states this turn (shared by every focal agent)
+# ----------------------------------------------------------------------------------------
+
+def plan_move(ep):
+    """The focal side's move for its next turn: {"move": "offer", "offer": x} or
+    {"move": "accept", "offer": x} (x = the counterparty's standing offer, to accept).
+
+    A noisy concession schedule from the focal target s0 toward a private floor (a position
+    between the counterparty's opening, 0, and s0, 1), at a speed and over a horizon drawn per
+    episode from the planner's own random stream `ep.rng_plan`: the corpus gets fast and slow,
+    good and bad negotiators. It never concedes backward, and it accepts a standing
+    counterparty offer at least as good as its own planned position. Called once per focal
+    turn by `run_episodes`, so the SimTeacher and an LM agent playing the same episode seed
+    are planned alike (they differ only in their words and what those words cause). This is
+    the strategy half of the strategy/generation split of He et al. (2018); the LM states the
+    move in its own words and its offer is still read from its text."""
+    m = ep.private.get("plan")
+    r, sc = ep.rng_plan, ep.sc
+    if m is None:
+        m = ep.private["plan"] = {
+            "floor": float(r.uniform(0.0, 0.7)),         # lowest position it will offer
+            "speed": float(np.exp(r.uniform(np.log(0.4), np.log(2.5)))),
+            "horizon": int(r.integers(4, 12)),            # focal turns to reach the floor
+            "pos": 1.0, "j": 0}
+    m["j"] += 1
+    frac = min(1.0, (m["j"] - 1) / m["horizon"]) ** (1.0 / m["speed"])
+    planned = 1.0 - (1.0 - m["floor"]) * frac + r.normal(0, 0.03) * (m["j"] > 1)
+    m["pos"] = min(m["pos"], max(m["floor"], min(1.0, planned)))   # never backward
+    cp_offer = ep.offers["counterparty"]
+    if cp_offer is not None and position(cp_offer, sc.s0, sc.b0) >= m["pos"] - 1e-9:
+        return {"move": "accept", "offer": cp_offer}
+    g = _grain(ep.dom.unit)
+    return {"move": "offer", "offer": float(round((sc.b0 + m["pos"] * (sc.s0 - sc.b0)) / g) * g)}
+
+
+def move_followed(turn):
+    """Did a focal turn do what its plan said: accept when told to accept, otherwise state the
+    planned number (read from its text by the parser) without accepting? None without a plan."""
+    plan = turn.get("plan")
+    if plan is None:
+        return None
+    if plan["move"] == "accept":
+        return bool(turn.get("accept"))
+    return not turn.get("accept") and turn.get("offer") is not None and abs(turn["offer"] - plan["offer"]) < 1e-6
 
 
 def random_emotion_policy(subset=None):
@@ -272,47 +324,29 @@ def _fill(template, sc, **extra):
 
 
 class SimTeacher:
-    """Offline teacher: an emotion phrase + an offer sentence + (sometimes) a justification.
-
-    Its offers follow a noisy concession schedule from the focal target s0 toward a private
-    floor, at a speed drawn per episode, so the corpus has both good and bad turns."""
+    """Offline teacher: an emotion phrase + the planned offer (`plan_move`) in one of the
+    domain's offer sentences + (sometimes) a justification; or, when the plan says accept, an
+    acceptance of the counterparty's offer. Its wording draws from `ep.rng_focal`, the plan
+    from the planner's own stream."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def _plan(self, ep):
-        m = ep.private.get("teacher")
-        if m is None:
-            r = ep.rng_focal
-            m = ep.private["teacher"] = {
-                "floor": float(r.uniform(0.0, 0.7)),         # lowest position it will offer
-                "speed": float(np.exp(r.uniform(np.log(0.4), np.log(2.5)))),
-                "horizon": int(r.integers(4, 12)),            # focal turns to reach the floor
-                "pos": 1.0, "j": 0}
-        return m
-
     def act(self, eps, emotions):
         out = []
         for ep, emo in zip(eps, emotions):
-            m, r, dom, sc = self._plan(ep), ep.rng_focal, ep.dom, ep.sc
-            m["j"] += 1
-            frac = min(1.0, (m["j"] - 1) / m["horizon"]) ** (1.0 / m["speed"])
-            planned = 1.0 - (1.0 - m["floor"]) * frac + r.normal(0, 0.03) * (m["j"] > 1)
-            m["pos"] = min(m["pos"], max(m["floor"], min(1.0, planned)))   # never backward
-            x_plan = sc.b0 + m["pos"] * (sc.s0 - sc.b0)
-            g = _grain(dom.unit)
-            x = round(x_plan / g) * g
+            move = ep.private.get("move") or plan_move(ep)
+            r, dom, sc = ep.rng_focal, ep.dom, ep.sc
             variant = int(r.integers(3))
-            cp_offer = ep.offers["counterparty"]
             phrase = None
             if emo is not None:
                 phrases = self.cfg.emotions[emo]["phrases"]
                 phrase = phrases[int(r.integers(len(phrases)))]
-            if cp_offer is not None and position(cp_offer, sc.s0, sc.b0) >= m["pos"] - 1e-9:
-                body = _pick(r, dom.teacher["accept"]).format(offer=format_offer(cp_offer, dom.unit, variant))
+            if move["move"] == "accept":
+                body = _pick(r, dom.teacher["accept"]).format(offer=format_offer(move["offer"], dom.unit, variant))
                 out.append(Reply(" ".join(s for s in (phrase, body) if s), accept=True))
                 continue
-            parts = [_pick(r, dom.teacher["offers"]).format(offer=format_offer(x, dom.unit, variant))]
+            parts = [_pick(r, dom.teacher["offers"]).format(offer=format_offer(move["offer"], dom.unit, variant))]
             if r.random() < 0.5:
                 parts.append(_fill(_pick(r, dom.teacher["justifications"]), sc))
             if phrase:
@@ -422,7 +456,7 @@ def emotion_note(cfg: Config, emotion, turn_index):
     The domains file's turn reminder (if any) closes the block."""
     ins = cfg.emotions[emotion]["instructions"]
     tail = f" {cfg.turn_reminder}" if cfg.turn_reminder else ""
-    return f"[Emotional approach for your reply ({emotion}): {ins[turn_index % len(ins)]}{tail}]"
+    return f"[Emotional approach ({emotion}): {ins[turn_index % len(ins)]}{tail}]"
 
 
 def turn_note(cfg: Config, emotion, turn_index, emotion_free=False):
@@ -435,32 +469,72 @@ def turn_note(cfg: Config, emotion, turn_index, emotion_free=False):
     return f"[{cfg.turn_reminder}]" if cfg.turn_reminder else None
 
 
-def build_messages(cfg: Config, ep: Episode, role: str, emotion=None, emotion_free=False):
+OFFER_MODES = ("planned", "free")
+
+
+def last_offers(turns):
+    """The standing offer of each side after `turns` (the last one each side stated)."""
+    out = {"focal": None, "counterparty": None}
+    for t in turns:
+        if t.get("offer") is not None:
+            out[t["speaker"]] = t["offer"]
+    return out
+
+
+def move_line(dom, move, offers="planned"):
+    """The planned move as the prompt states it; in the free mode the model picks the number."""
+    if offers == "free":
+        return "Your move: state your offer as one number, or accept theirs."
+    if offers != "planned":
+        raise ValueError(f"offers must be one of {OFFER_MODES}, got '{offers}'")
+    if move is None:
+        raise ValueError("the planned-offer prompt needs the turn's planned move (plan_move); "
+                         "a corpus made before the planner has none: re-run collect")
+    if move["move"] == "accept":
+        return f"Your move: accept their offer of {format_offer(move['offer'], dom.unit)}."
+    return f"Your move: offer {format_offer(move['offer'], dom.unit)}."
+
+
+def build_messages(cfg: Config, ep: Episode, role: str, emotion=None, emotion_free=False, offers="planned",
+                   move=None):
     """Chat messages for `role` ("focal" or "counterparty") at the current turn.
 
-    System: who you are, the situation and the goal (fixed for the whole episode).
-    History: own turns as assistant, the other side's as user. For the focal role the emotion
-    block of the turn being generated is appended to the last user message (unless
-    emotion-free); earlier turns' blocks are not repeated. That keeps long negotiations ~30%
-    shorter in tokens (what SFT and JPO train on, and what prefill costs) at the price of
-    re-running one block per turn in the decoder's cache (decode.py reuses the common prefix)."""
+    Focal role: the compact state prompt, identical at SFT, JPO and inference. System: who
+    you are, the situation and the goal. One user message: turn k of N, both sides' standing
+    offers, the counterparty's last message, the planned `move` (see plan_move; in the
+    `offers="free"` mode the model is asked to choose) and the emotion block (unless
+    emotion-free); the answer length is the goal's. The whole transcript is not shown: a 135M model
+    cannot use it, and the state above is what a move depends on.
+    Counterparty role (an LM playing the other side): the full history, own turns as
+    assistant, the other side's as user."""
     dom, sc = ep.dom, ep.sc
     situation = _fill(dom.prompt["situation"], sc)
     if role == "focal":
         me, other = dom.focal_role, dom.counterparty_role
         goal = _fill(dom.prompt["focal_goal"], sc, target=format_offer(sc.s0, dom.unit))
+        if move is None and offers == "planned":   # (an agent called outside run_episodes plans here)
+            move = ep.private["move"] = ep.private.get("move") or plan_move(ep)
     else:
         me, other = dom.counterparty_role, dom.focal_role
         goal = _fill(dom.prompt["counterparty_goal"], sc, target=format_offer(sc.b0, dom.unit))
     msgs = [{"role": "system", "content": f"You are the {me}, negotiating with the {other}. {situation} {goal}"}]
-    if role == "focal":
-        msgs.append({"role": "user", "content": "(The negotiation starts now. Make your opening offer.)"})
-    for turn in ep.turns:
-        mine = turn["speaker"] == role
-        msgs.append({"role": "assistant" if mine else "user", "content": turn["text"]})
-    note = turn_note(cfg, emotion, len(msgs), emotion_free) if role == "focal" else None
+    if role != "focal":
+        for turn in ep.turns:
+            msgs.append({"role": "assistant" if turn["speaker"] == role else "user", "content": turn["text"]})
+        return msgs
+    standing = last_offers(ep.turns)
+    said = [t["text"] for t in ep.turns if t["speaker"] == "counterparty"]
+
+    def shown(x):
+        return format_offer(x, dom.unit) if x is not None else "none yet"
+    lines = [f"Turn {ep.t + 1} of {cfg.max_turns}. Your last offer: {shown(standing['focal'])}. "
+             f"Their last offer: {shown(standing['counterparty'])}.",
+             f'They said: "{said[-1]}"' if said else "The negotiation starts now.",
+             move_line(dom, move, offers)]
+    note = turn_note(cfg, emotion, ep.t, emotion_free)
     if note:
-        msgs[-1]["content"] += "\n\n" + note
+        lines.append(note)
+    msgs.append({"role": "user", "content": "\n".join(lines)})
     return msgs
 
 
@@ -475,8 +549,8 @@ class LMAgent:
     `generate` call (left padding). Accept / walk-away are read from the text."""
 
     def __init__(self, model, tokenizer, cfg: Config, role="focal", temperature=0.7, top_p=0.9,
-                 max_new_tokens=48, batch_size=32, emotion_free=False, seed=0, kv_cache=None):
-        self.model, self.tok, self.cfg, self.role = model, tokenizer, cfg, role
+                 max_new_tokens=48, batch_size=32, emotion_free=False, seed=0, kv_cache=None, offers="planned"):
+        self.model, self.tok, self.cfg, self.role, self.offers = model, tokenizer, cfg, role, offers
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.batch_size, self.emotion_free, self.seed, self.calls = batch_size, emotion_free, seed, 0
         self.generated_tokens, self.prompt_tokens, self.reused_tokens, self.gen_seconds = 0, 0, 0, 0.0
@@ -494,7 +568,8 @@ class LMAgent:
                                             temperature, top_p)
 
     def prompts(self, eps, emotions):
-        return [self.tok.apply_chat_template(build_messages(self.cfg, ep, self.role, emo, self.emotion_free),
+        return [self.tok.apply_chat_template(build_messages(self.cfg, ep, self.role, emo, self.emotion_free, self.offers,
+                                                            ep.private.get("move")),
                                              add_generation_prompt=True, tokenize=False)
                 for ep, emo in zip(eps, emotions)]
 
@@ -585,6 +660,8 @@ class MirroredAgent:
 
     def act(self, eps, emotions=None):
         ms = [self.mirror(ep) for ep in eps]
+        for m in ms:                     # the mirrored focal side is planned like any focal side
+            m.private["move"] = plan_move(m)
         emos = self.choose(ms) if self.choose else [None] * len(ms)
         replies = self.agent.act(ms, emos)
         for r, e in zip(replies, emos):
@@ -604,14 +681,15 @@ class ApiAgent:
     connection errors, HTTP 429/5xx and malformed JSON; then a clear ApiError."""
 
     def __init__(self, model, cfg: Config, role="focal", base_url=None, api_key=None, temperature=0.7,
-                 top_p=0.9, max_tokens=96, timeout=30.0, retries=4, backoff=1.0, workers=8, emotion_free=False):
+                 top_p=0.9, max_tokens=96, timeout=30.0, retries=4, backoff=1.0, workers=8, emotion_free=False,
+                 offers="planned"):
         self.model, self.cfg, self.role = model, cfg, role
         self.base_url = (base_url or os.environ.get("EMODISTILL_API_BASE") or os.environ.get("OPENAI_BASE_URL")
                          or "https://api.openai.com/v1").rstrip("/")
         self.api_key = api_key or os.environ.get("EMODISTILL_API_KEY") or os.environ.get("OPENAI_API_KEY", "")
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
         self.timeout, self.retries, self.backoff, self.workers = timeout, retries, backoff, workers
-        self.emotion_free = emotion_free
+        self.emotion_free, self.offers = emotion_free, offers
 
     def chat(self, messages):
         url = f"{self.base_url}/chat/completions"
@@ -653,7 +731,8 @@ class ApiAgent:
 
     def act(self, eps, emotions=None):
         emotions = emotions or [None] * len(eps)
-        msgs = [build_messages(self.cfg, ep, self.role, emo, self.emotion_free) for ep, emo in zip(eps, emotions)]
+        msgs = [build_messages(self.cfg, ep, self.role, emo, self.emotion_free, self.offers, ep.private.get("move"))
+                for ep, emo in zip(eps, emotions)]
         texts = [_clean_reply(t) for t in self.chat_many(msgs)]
         return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t), free_text=True) for t in texts]
 
@@ -680,6 +759,8 @@ def _words(text):
 def judge_record(rec, cfg: Config):
     """Score every focal turn of a trajectory record 1-10, with components in [0, 1]:
       offer     the turn states an offer inside the bargaining range (an explicit accept: 0.5);
+                a planned turn that did not do its planned move gets at most 0.5 (the number is
+                the planner's: the words are judged on stating it);
       firmness  no needless own concession: 1 - (own concession in gap units) / 0.2;
       effect    the counterparty's concession that followed, in gap units / 0.15 (accept = 1);
       closing   the turn's consequence for the deal: utility if it ends in agreement, 0 if it
@@ -701,6 +782,8 @@ def judge_record(rec, cfg: Config):
         c = {}
         x = t.get("offer")
         c["offer"] = 1.0 if x is not None and lo <= x <= hi else (0.5 if t.get("accept") else 0.0)
+        if move_followed(t) is False:    # a planned turn that did not do its move (see plan_move)
+            c["offer"] = min(c["offer"], 0.5)
         if x is None:
             c["firmness"] = 0.5 if t.get("accept") else 0.0
         elif own_prev is None:
@@ -796,3 +879,35 @@ def parse_score(text):
         return None
     v = float(m.group(1))
     return min(10.0, max(1.0, v)) if math.isfinite(v) else None
+
+
+def judge_reply(cfg: Config, rec, turn_index, text, perceiver=None, sample=0):
+    """The rubric judge's score of `text` said as focal turn `turn_index` of corpus record
+    `rec` instead of the recorded turn, after one simulated counterparty reply (JPO's re-sample
+    mode; not a live negotiation). The episode before the turn is rebuilt from the record
+    (`episode_from_record`, standing offers by `last_offers`) and the SimCounterparty's private
+    state (concession fraction f, k = its turns so far, heard = the emotions it perceived in the
+    focal turns so far) is restored by replaying it on every earlier counterparty turn: its
+    words are the record's, its state is exactly what it had (f does not depend on its random
+    draws; inferring f from its last offer, `_frac`, would be off by the offer's rounding of up
+    to one grain). The reply is applied with the turn's emotion (and plan), the counterparty
+    acts once, and the turn is judged by `judge_record` on a record whose outcome is the end
+    if one happened (accept, walk-away, convergence) and an ongoing talk otherwise.
+    Deterministic per (record key, turn, `sample`): the counterparty's random stream."""
+    perceiver = perceiver or Perceiver(cfg.emotions)
+    ep = episode_from_record(cfg, rec, turn_index)
+    cp, turns = SimCounterparty(cfg, perceiver), ep.turns
+    for j, t in enumerate(turns):        # replay: ep.private["cp"] as before turn `turn_index`
+        if t["speaker"] == "counterparty":
+            ep.turns, ep.offers = turns[:j], last_offers(turns[:j])
+            cp.act([ep])
+    ep.turns, ep.offers = turns, last_offers(turns)
+    ep.rng_cp = _rng("judge_reply", rec.get("key"), turn_index, sample)
+    turn = rec["turns"][turn_index]
+    if turn.get("plan") is not None:
+        ep.private["move"] = turn["plan"]
+    _apply(ep, "focal", Reply(text, accept=detect_accept(text), walk_away=detect_walk_away(text), free_text=True),
+           cfg, perceiver, turn.get("emotion"))
+    if not ep.done:
+        _apply(ep, "counterparty", cp.act([ep])[0], cfg, perceiver)
+    return next(j["score"] for j in judge_record(to_record(ep), cfg) if j["turn"] == turn_index)

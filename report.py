@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from domains import EMOTIONS
+from negotiate import move_followed
 from runs import StageError, read_jsonl, write_json_atomic, write_text_atomic
 
 
@@ -40,15 +41,19 @@ def paired_diff_ci(recs_a, recs_b, key="utility", n_boot=2000, seed=0):
 
 def expression_rates(rec):
     """How well the focal side *said* things in one trajectory: the share of its turns whose
-    offer parses and lies inside the bargaining range [min(s0, b0), max(s0, b0)], and the
-    share of its emotion-conditioned turns whose perceived emotion is the requested one
-    (None when the trajectory has no such turn)."""
+    offer parses and lies inside the bargaining range [min(s0, b0), max(s0, b0)], the share
+    of its emotion-conditioned turns whose perceived emotion is the requested one, and the
+    offer fidelity, the share of its planned turns that did the planned move (the planned
+    number read from the text, or an accept; negotiate.move_followed). Each None when the
+    trajectory has no such turn."""
     lo, hi = min(rec["s0"], rec["b0"]), max(rec["s0"], rec["b0"])
     focal = [t for t in rec["turns"] if t["speaker"] == "focal"]
     emo = [t for t in focal if t.get("emotion")]
     in_range = [t.get("offer") is not None and lo <= t["offer"] <= hi for t in focal]
+    followed = [f for f in map(move_followed, focal) if f is not None]
     return (sum(in_range) / len(in_range) if in_range else None,
-            sum(t.get("perceived") == t["emotion"] for t in emo) / len(emo) if emo else None)
+            sum(t.get("perceived") == t["emotion"] for t in emo) / len(emo) if emo else None,
+            sum(followed) / len(followed) if followed else None)
 
 
 def summarize(records):
@@ -62,8 +67,9 @@ def summarize(records):
             "utility": bootstrap_ci([o["utility"] for o in outs]),
             "utility_on_success": bootstrap_ci([o["utility"] for o in succ]),
             "rounds": bootstrap_ci([o["rounds"] for o in outs]),
-            "offer_in_range": bootstrap_ci([a for a, _ in rates if a is not None]),
-            "emotion_match": bootstrap_ci([b for _, b in rates if b is not None])}
+            "offer_in_range": bootstrap_ci([a for a, _, _ in rates if a is not None]),
+            "emotion_match": bootstrap_ci([b for _, b, _ in rates if b is not None]),
+            "offer_fidelity": bootstrap_ci([c for _, _, c in rates if c is not None])}
 
 
 def write_results(out, eval_dir, results, names, doms, best, seeds, seed, split, selector_methods):
@@ -77,23 +83,28 @@ def write_results(out, eval_dir, results, names, doms, best, seeds, seed, split,
                   + ", ".join(f"{d} {e}" for d, e in best.items()), ""]
     for d in doms:
         lines += [f"## {d}", "", "| method | n | success % | utility | utility on success | rounds "
-                  "| offer in range % | emotion match % |", "|---|---|---|---|---|---|---|---|"]
+                  "| offer in range % | emotion match % | offer fidelity % |", "|---|---|---|---|---|---|---|---|---|"]
         for m in names:
             s = results[m]["summary"][d]
             lines.append(f"| {m} | {s['n']} | {fmt(s['success'], True)} | {fmt(s['utility'])} | "
                          f"{fmt(s['utility_on_success'])} | {fmt(s['rounds'])} | "
                          f"{fmt(s.get('offer_in_range', (float('nan'),) * 3), True)} | "
-                         f"{fmt(s.get('emotion_match', (float('nan'),) * 3), True)} |")
+                         f"{fmt(s.get('emotion_match', (float('nan'),) * 3), True)} | "
+                         f"{fmt(s.get('offer_fidelity', (float('nan'),) * 3), True)} |")
         lines.append("")
     lines += ["## all domains (pooled)", "", "| method | n | success % | utility | rounds | offer in range % "
-              "| emotion match % |", "|---|---|---|---|---|---|---|"]
+              "| emotion match % | offer fidelity % |", "|---|---|---|---|---|---|---|---|"]
     for m in names:
         s = summarize(results[m]["records"])
         lines.append(f"| {m} | {s['n']} | {fmt(s['success'], True)} | {fmt(s['utility'])} | {fmt(s['rounds'])} | "
-                     f"{fmt(s['offer_in_range'], True)} | {fmt(s['emotion_match'], True)} |")
+                     f"{fmt(s['offer_in_range'], True)} | {fmt(s['emotion_match'], True)} | "
+                     f"{fmt(s['offer_fidelity'], True)} |")
     lines += ["", "offer in range: share of the focal turns whose offer parses and lies between the two openings; "
               "emotion match: share of emotion-conditioned focal turns whose perceived emotion (cue lexicon) is the "
-              "requested one. Both are per-episode shares averaged over episodes.", ""]
+              "requested one; offer fidelity: share of planned focal turns that did the planner's move (stated "
+              "its number, or accepted when told to; with --offers free the prompt does not name the move, so this "
+              "is how often the model chose the planner's number). All are per-episode shares averaged over "
+              "episodes.", ""]
     lines += ordering_lines(results, names, doms)
     lines += machine_lines(results, names)
     lines += plots(os.path.join(out, eval_dir), results, names, doms, selector_methods)
@@ -276,6 +287,24 @@ def fmt(m, pct=False):
     return f"{mean * f:.1f} [{lo * f:.1f}, {hi * f:.1f}]" if pct else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def return_correlation_rows(records):
+    """The IQL reward's check (iql.return_correlations, default IQLConfig): per domain, the
+    Pearson correlation across trajectories of the discounted return with the episode length
+    and with the utility, as table rows. None when a focal turn has no judge score yet."""
+    if not any(t["speaker"] == "focal" for r in records for t in r["turns"]) or any(
+            "score" not in t for r in records for t in r["turns"] if t["speaker"] == "focal" and t.get("emotion")):
+        return None
+    import iql   # only here: the report does not need the learner otherwise
+    cfg = iql.IQLConfig()
+    table = iql.return_correlations(records, cfg)
+    rows = [f"IQL discounted return (gamma {cfg.gamma}, judge part centred at "
+            f"{iql.judge_centre(records, cfg):+.3f}, closing counted once) vs episode outcome:",
+            "| domain | n | corr(return, length) | corr(return, utility) | mean return |", "|" + "---|" * 5]
+    rows += [f"| {d} | {c['n']} | {c['length']:.3f} | {c['utility']:.3f} | {c['mean_return']:.3f} |"
+             for d, c in table.items()]
+    return {"table": table, "rows": rows}
+
+
 def summary(out="runs/default", on_bad_line="error"):
     """Per-domain outcome table (mean [95% bootstrap CI]) and judge score of a run."""
     path = os.path.join(out, "judged.jsonl")
@@ -304,6 +333,11 @@ def summary(out="runs/default", on_bad_line="error"):
     if comps:
         text += "\n\njudge components (mean over focal turns): " + ", ".join(
             f"{k} {sum(v) / len(v):.3f}" for k, v in comps.items())
+    corr = return_correlation_rows(records)
+    if corr:
+        text += "\n\n" + "\n".join(corr["rows"])
+        for d, c in corr["table"].items():
+            table.setdefault(d, {})["return_correlation"] = c
     print(text)
     write_json_atomic(os.path.join(out, "summary.json"), table)
     return table

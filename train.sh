@@ -18,7 +18,7 @@ if [ "$PROFILE" = "paper" ]; then
   D_TRANSFER_LM=1
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,random,best-fixed,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free
 elif [ "$PROFILE" = "quick" ]; then
-  D_SEEDS=50; D_STEPS=6000; D_SFT_MAX=32; D_SFT_EPOCHS=3; D_JPO_SCEN=1; D_JPO_GROUP=4; D_JPO_EPOCHS=1
+  D_SEEDS=50; D_STEPS=6000; D_SFT_MAX=256; D_SFT_EPOCHS=2; D_JPO_SCEN=4; D_JPO_GROUP=4; D_JPO_EPOCHS=1
   D_MICRO=2; D_ACCUM=4; D_JOBS=auto
   D_EVAL_SEEDS=1; D_RUN=runs/default; D_STUDIES=; D_TOURNEY_SCEN=5; D_TRANSFER_LM=0
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,iql,iql+sft,emodistill,jpo-emotion-free
@@ -27,13 +27,19 @@ else
 fi
 RUN=${RUN:-$D_RUN}
 STUDENT=${STUDENT:-smollm2}               # the LM expresser: smollm2 (offline), a local folder or hf:<hub id>
+OFFERS=${OFFERS:-planned}                 # planned: the prompt states the offer planner's move; free: the LM
+                                          # picks the number (the paper's setting; use its own RUN)
 SEEDS=${SEEDS:-$D_SEEDS}                  # trajectories per training scenario (paper: 50)
 STEPS=${STEPS:-$D_STEPS}                  # IQL gradient steps (paper-size: 20000)
-SFT_MAX=${SFT_MAX:-$D_SFT_MAX}            # SFT examples kept from the top 10% (0 = all of them)
+SFT_MAX=${SFT_MAX:-$D_SFT_MAX}            # SFT examples kept from the top 10% (0 = all of them), at least a
+                                          # few per emotion and domain
 SFT_EPOCHS=${SFT_EPOCHS:-$D_SFT_EPOCHS}
-JPO_SCEN=${JPO_SCEN:-$D_JPO_SCEN}         # JPO scenario groups per domain
-JPO_GROUP=${JPO_GROUP:-$D_JPO_GROUP}      # offline focal turns per group
+JPO_SCEN=${JPO_SCEN:-$D_JPO_SCEN}         # JPO states (scenario, focal turn) per domain, one group each
+JPO_GROUP=${JPO_GROUP:-$D_JPO_GROUP}      # turns per state: corpus turns (offline) or sampled replies (resample)
 JPO_EPOCHS=${JPO_EPOCHS:-$D_JPO_EPOCHS}
+JPO_MODE=${JPO_MODE:-resample}            # resample: G replies a state from the current policy, judged (scored
+                                          # higher than offline on training states, notebook entry 31); offline:
+                                          # the paper's corpus turns
 MICRO=${MICRO:-$D_MICRO}                  # SFT/JPO sequences per forward pass (memory), MICRO x ACCUM per step
 ACCUM=${ACCUM:-$D_ACCUM}
 JOBS=${JOBS:-$D_JOBS}                     # 2 = two lanes side by side, each with half the cores (auto: 2 on
@@ -64,7 +70,7 @@ LANE_ROWS=vanilla,iql,iql+sft,emodistill,jpo-emotion-free              # the eva
 others() {  # the methods of METHODS that are not lane rows, comma-separated
   local out="" m; for m in ${METHODS//,/ }; do member "$m" "$LANE_ROWS" || out="$out${out:+,}$m"; done; echo "$out"
 }
-EVAL=(--out "$RUN" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" --student "$STUDENT")
+EVAL=(--out "$RUN" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" --student "$STUDENT" --offers "$OFFERS")
 eval_some() {  # eval_some LIST [NAME]: evaluate the methods of LIST that are in METHODS (results
                # cached in $RUN/eval/), no report; the stage is called NAME or "eval <methods>"
   local ms="" m; for m in ${1//,/ }; do member "$m" "$METHODS" && ms="$ms${ms:+,}$m"; done
@@ -92,24 +98,24 @@ iql() { stage iql $PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLA
 # advantage, the prompt exactly as at inference, loss on the response only. quick: a sample of
 # SFT_MAX of them, ~150 training tokens/s (~9 min). -> $RUN/sft/
 sft() {
-  stage sft $PY emodistill.py sft --out "$RUN" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
+  stage sft $PY emodistill.py sft --out "$RUN" --offers "$OFFERS" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
     --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
 }
 # Judge Policy Optimization of the SFT adapter on offline focal turns grouped by scenario
 # (clipped ratio to the frozen SFT policy, k3 KL anchor): 4 x JPO_SCEN x JPO_GROUP turns,
 # JPO_EPOCHS passes (quick: 16 turns). -> $RUN/jpo/
 jpo() {
-  stage jpo $PY emodistill.py jpo --out "$RUN" --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
+  stage jpo $PY emodistill.py jpo --out "$RUN" --offers "$OFFERS" --jpo-mode "$JPO_MODE" --states-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
     --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
 }
 # the ablation: sft and jpo without the emotion block in the prompt (the turns ranked with the
 # same IQL; about the cost of sft and jpo) -> $RUN/sft-emotion-free/, $RUN/jpo-emotion-free/
 sft_emotion_free() {
-  stage sft-emotion-free $PY emodistill.py sft --out "$RUN" --emotion-free --max-examples "$SFT_MAX" \
+  stage sft-emotion-free $PY emodistill.py sft --out "$RUN" --offers "$OFFERS" --emotion-free --max-examples "$SFT_MAX" \
     --epochs "$SFT_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
 }
 jpo_emotion_free() {
-  stage jpo-emotion-free $PY emodistill.py jpo --out "$RUN" --emotion-free --scenarios-per-domain "$JPO_SCEN" \
+  stage jpo-emotion-free $PY emodistill.py jpo --out "$RUN" --offers "$OFFERS" --jpo-mode "$JPO_MODE" --emotion-free --states-per-domain "$JPO_SCEN" \
     --group-size "$JPO_GROUP" --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
 }
 # eval: the methods on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS, the same
@@ -152,7 +158,7 @@ study_tournament() {
   stage cp-iql $PY emodistill.py iql "${CP[@]}" --steps "$STEPS"
   stage cp-sft $PY emodistill.py sft "${CP[@]}" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
     --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT"
-  stage cp-jpo $PY emodistill.py jpo "${CP[@]}" --scenarios-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
+  stage cp-jpo $PY emodistill.py jpo "${CP[@]}" --jpo-mode "$JPO_MODE" --states-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
     --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT"
   stage tournament $PY emodistill.py tournament --out "$RUN" --cp-run "$RUN/cp" --methods vanilla,iql,emodistill \
     --cp-methods vanilla,iql,emodistill --scenarios-per-domain "$TOURNEY_SCEN" --seeds "$EVAL_SEEDS" \

@@ -175,7 +175,7 @@ def test_normal_reply_and_request_shape(cfg, ep, server):
     assert body["model"] == "test-model"
     msgs = body["messages"]
     assert msgs[0]["role"] == "system"
-    assert "Emotional approach for your reply (anger)" in msgs[-1]["content"]
+    assert "Emotional approach (anger)" in msgs[-1]["content"]
     assert msgs == negotiate.build_messages(cfg, ep, "focal", "anger")
     assert body["temperature"] == pytest.approx(0.7)
     assert body["top_p"] == pytest.approx(0.9)

@@ -11,6 +11,7 @@ import models
 import runs
 import emodistill
 import negotiate as ng
+from offers import format_offer
 
 
 def _episodes(cfg, n, turns):
@@ -44,34 +45,40 @@ def test_sampling_is_seeded(cfg, tiny_lm):
     assert runs[0] == runs[1]
 
 
-def test_prompt_has_emotion_block_and_history(cfg, tiny_lm):
+def test_compact_prompt_has_state_move_and_emotion_block(cfg, tiny_lm):
     _, tok = tiny_lm
     ep = _episodes(cfg, 1, [4])[0]
     assert ep.t == 4
+    ep.private["move"] = move = {"move": "offer", "offer": 34.0}
     msgs = ng.build_messages(cfg, ep, "focal", "pride")
-    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [m["role"] for m in msgs] == ["system", "user"]
     assert "Emotional approach" not in msgs[0]["content"]
-    assert "Emotional approach for your reply (pride)" in msgs[-1]["content"]
-    # only the turn being generated carries a block; the history is the plain transcript
-    assert sum("Emotional approach" in m["content"] for m in msgs) == 1
-    assert [m["content"] for m in msgs[2:-1]] == [t["text"] for t in ep.turns[:-1]]
-    assert msgs[-1]["content"].startswith(ep.turns[-1]["text"] + "\n\n[")
+    lines = msgs[1]["content"].split("\n")
+    standing = ng.last_offers(ep.turns)
+    assert lines[0] == (f"Turn 5 of {cfg.max_turns}. Your last offer: {format_offer(standing['focal'], ep.dom.unit)}. "
+                        f"Their last offer: {format_offer(standing['counterparty'], ep.dom.unit)}.")
+    assert lines[1] == f'They said: "{ep.turns[-1]["text"]}"'     # the last counterparty message only
+    assert ep.turns[1]["text"] not in msgs[1]["content"]
+    assert lines[2] == f"Your move: offer {format_offer(34.0, ep.dom.unit)}." == ng.move_line(ep.dom, move)
+    assert lines[3].startswith("[Emotional approach (pride): ") and lines[3].endswith(".]") and len(lines) == 4
     free = ng.build_messages(cfg, ep, "focal", "pride", emotion_free=True)
-    assert not any("Emotional approach" in m["content"] for m in free)
+    assert free[1]["content"] == "\n".join(lines[:3])
+    free_offers = ng.build_messages(cfg, ep, "focal", "pride", offers="free")
+    assert free_offers[1]["content"].split("\n")[2] == "Your move: state your offer as one number, or accept theirs."
+    accept = ng.build_messages(cfg, ep, "focal", "pride", move={"move": "accept", "offer": 41.0})
+    assert f"Your move: accept their offer of {format_offer(41.0, ep.dom.unit)}." in accept[1]["content"]
     # every focal turn ends with the same task reminder: inside the emotion block, or alone
     # (emotion-free and vanilla), so the rows differ only in the emotion
     assert cfg.turn_reminder == ""                      # off by default: the paper's plain block
-    assert free[-1]["content"] == ep.turns[-1]["text"]
-    block = msgs[-1]["content"].split("\n\n")[-1]
-    assert block.startswith("[Emotional approach for your reply (pride): ") and block.endswith(".]")
     rem = "State your offer as a number."
     cfg_r = dataclasses.replace(cfg, turn_reminder=rem)
     with_r = ng.build_messages(cfg_r, ep, "focal", "pride")
-    assert with_r[-1]["content"] == msgs[-1]["content"][:-1] + f" {rem}]"
+    assert with_r[1]["content"] == msgs[1]["content"][:-1] + f" {rem}]"
     free_r = ng.build_messages(cfg_r, ep, "focal", "pride", emotion_free=True)
-    assert free_r[-1]["content"] == ep.turns[-1]["text"] + f"\n\n[{rem}]"
-    assert ng.build_messages(cfg_r, ep, "focal")[-1]["content"] == free_r[-1]["content"]
-    assert free_r[:-1] == with_r[:-1] == msgs[:-1]
+    assert free_r[1]["content"] == free[1]["content"] + f"\n[{rem}]"
+    assert ng.build_messages(cfg_r, ep, "focal")[1]["content"] == free_r[1]["content"]
+    assert free_r[0] == with_r[0] == msgs[0]
+    # an LM on the counterparty side sees the whole history
     cp = ng.build_messages(cfg, ep, "counterparty")
     assert [m["role"] for m in cp[1:]] == ["user", "assistant", "user", "assistant"]
 

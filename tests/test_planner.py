@@ -1,0 +1,139 @@
+"""The offer planner (which number), shared by the SimTeacher and the LM agent; the compact
+state prompt that states its move; and offer fidelity, the share of turns that did the move."""
+import dataclasses
+
+import pytest
+
+import domains
+import emodistill
+import negotiate as ng
+import report
+from offers import format_offer
+
+
+class Replay:
+    """A focal agent that says what a recorded teacher said, turn by turn, drawing nothing from
+    the episode's random streams (an LM agent does not draw from the teacher's wording stream)."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def act(self, eps, emotions):
+        return [ng.Reply(*self.texts[ep.key][ep.t // 2]) for ep in eps]
+
+
+def _episodes(cfg, n=6, domain="crad"):
+    dom = cfg.domains[domain]
+    return [ng.new_episode(dom, sc, 3) for sc in domains.make_scenarios(dom)[:n]]
+
+
+def test_teacher_and_another_agent_get_the_same_moves_for_the_same_states(cfg):
+    teacher_eps = ng.run_episodes(cfg, _episodes(cfg, 40), ng.SimTeacher(cfg), ng.SimCounterparty(cfg),
+                                  ng.random_emotion_policy())
+    texts = {ep.key: [(t["text"], t["accept"]) for t in ep.turns if t["speaker"] == "focal"] for ep in teacher_eps}
+    replay_eps = ng.run_episodes(cfg, _episodes(cfg, 40), Replay(texts), ng.SimCounterparty(cfg),
+                                 ng.random_emotion_policy())
+    for a, b in zip(teacher_eps, replay_eps):
+        plans_a = [t["plan"] for t in a.turns if t["speaker"] == "focal"]
+        plans_b = [t["plan"] for t in b.turns if t["speaker"] == "focal"]
+        assert plans_a == plans_b and len(plans_a) >= 2
+        assert a.agreement == b.agreement
+    # the teacher does exactly what the plan says, and the plans concede and accept
+    turns = [t for ep in teacher_eps for t in ep.turns if t["speaker"] == "focal"]
+    assert all(ng.move_followed(t) for t in turns)
+    assert any(t["plan"]["move"] == "accept" for t in turns)
+    for ep in teacher_eps:
+        offered = [ng.position(t["plan"]["offer"], ep.sc.s0, ep.sc.b0) for t in ep.turns
+                   if t["speaker"] == "focal" and t["plan"]["move"] == "offer"]
+        assert all(x >= y - 0.02 for x, y in zip(offered, offered[1:]))   # never backward (grain rounding)
+
+
+def test_the_lm_agent_prompt_states_the_teachers_planned_move(cfg, tiny_lm):
+    model, tok = tiny_lm
+    short = dataclasses.replace(cfg, max_turns=4)
+    lm_eps = _episodes(cfg, 3)
+    agent = ng.LMAgent(model, tok, short, max_new_tokens=5)
+    seen = {}
+    render = agent.prompts
+
+    def recording(eps, emotions):
+        texts = render(eps, emotions)
+        for ep, t in zip(eps, texts):
+            seen.setdefault(ep.key, []).append(t)
+        return texts
+    agent.prompts = recording
+    ng.run_episodes(short, lm_eps, agent, ng.SimCounterparty(cfg), ng.fixed_emotion_policy("anger"))
+    teacher_eps = ng.run_episodes(short, _episodes(cfg, 3), ng.SimTeacher(cfg), ng.SimCounterparty(cfg),
+                                  ng.fixed_emotion_policy("anger"))
+    for lm, te in zip(lm_eps, teacher_eps):
+        first_lm, first_te = lm.turns[0]["plan"], te.turns[0]["plan"]
+        assert first_lm == first_te and first_lm["move"] == "offer"   # same episode state: same move
+        assert f"Your move: offer {format_offer(first_lm['offer'], lm.dom.unit)}." in seen[lm.key][0]
+        # each prompt names the move recorded on the turn it produced
+        for prompt, turn in zip(seen[lm.key], [t for t in lm.turns if t["speaker"] == "focal"]):
+            assert ng.move_line(lm.dom, turn["plan"]) in prompt
+
+
+@pytest.mark.parametrize("offers", ["planned", "free"])
+def test_compact_prompt_is_short_and_identical_at_training_and_inference(cfg, tiny_lm, offers):
+    model, tok = tiny_lm
+    short = dataclasses.replace(cfg, max_turns=6)
+    eps = _episodes(cfg, 2, "hospital")
+    agent = ng.LMAgent(model, tok, short, max_new_tokens=6, offers=offers)
+    seen = []
+    render = agent.prompts
+
+    def recording(eps_, emotions):
+        texts = render(eps_, emotions)
+        seen.extend((ep, ep.t, t) for ep, t in zip(eps_, texts))
+        return texts
+    agent.prompts = recording
+    ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), ng.random_emotion_policy())
+    assert len(seen) >= 4
+    for ep, t, text in seen:
+        rec = ng.to_record(ep)
+        assert emodistill.sft_prompt(short, tok, rec, t, offers=offers) == text
+        assert ("Your move: offer" in text or "Your move: accept" in text) == (offers == "planned")
+        assert "Emotional approach" in text
+        assert len(tok(text).input_ids) < 250
+        # the compact prompt shows the last counterparty message, never the older transcript
+        cp = [x["text"] for x in ep.turns[:t] if x["speaker"] == "counterparty"]
+        for old in cp[:-1]:
+            if old != cp[-1]:
+                assert old not in text
+
+
+def test_planned_prompt_needs_a_corpus_with_plans(cfg, tiny_lm):
+    _, tok = tiny_lm
+    ep = ng.run_episodes(cfg, _episodes(cfg, 1), ng.SimTeacher(cfg), ng.SimCounterparty(cfg),
+                         ng.random_emotion_policy())[0]
+    rec = ng.to_record(ep)
+    for t in rec["turns"]:
+        t.pop("plan", None)
+    with pytest.raises(emodistill.StageError, match="no planned moves"):
+        emodistill.sft_prompt(cfg, tok, rec, 0)
+    assert "Your move: state your offer" in emodistill.sft_prompt(cfg, tok, rec, 0, offers="free")
+
+
+def _turn(plan, offer=None, accept=False):
+    return {"speaker": "focal", "text": "", "emotion": "anger", "perceived": "anger", "offer": offer,
+            "accept": accept, "plan": plan}
+
+
+def test_offer_fidelity_on_hand_made_transcripts():
+    offer34, accept41 = {"move": "offer", "offer": 34.0}, {"move": "accept", "offer": 41.0}
+    assert ng.move_followed(_turn(offer34, 34.0)) is True
+    assert ng.move_followed(_turn(offer34, 35.0)) is False       # another number
+    assert ng.move_followed(_turn(offer34, None)) is False       # no number at all
+    assert ng.move_followed(_turn(offer34, 34.0, accept=True)) is False   # accepted instead of offering
+    assert ng.move_followed(_turn(accept41, None, accept=True)) is True
+    assert ng.move_followed(_turn(accept41, 34.0)) is False      # offered instead of accepting
+    assert ng.move_followed({"speaker": "focal", "text": "x"}) is None   # no plan (free text corpus)
+    cp = {"speaker": "counterparty", "text": "", "offer": 50.0, "accept": False}
+    rec = {"s0": 20, "b0": 60, "turns": [_turn(offer34, 34.0), cp, _turn(offer34, 36.0), cp,
+                                         _turn(accept41, None, accept=True)],
+           "outcome": {"success": True, "utility": 0.5, "rounds": 3, "end": "accept"}}
+    assert report.expression_rates(rec)[2] == pytest.approx(2 / 3)
+    rec2 = dict(rec, turns=[_turn(offer34, 34.0)])
+    s = report.summarize([rec, rec2])
+    assert s["offer_fidelity"][0] == pytest.approx((2 / 3 + 1) / 2)
