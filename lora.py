@@ -231,7 +231,7 @@ def select_sft_turns(records, adv, where, top_k, max_examples, seed, min_per_emo
        emotions covered as the cap allows.
 
     Deterministic for a given `seed`. Returns (record index, turn index, advantage) triples,
-    per domain grouped by emotion (emotion-free first, then by name) and best first within an
+    per stratum grouped by emotion (emotion-free first, then by name) and best first within an
     emotion, so that `split_heldout`'s evenly spaced pick spreads over domains and emotions."""
     by_stratum = {}
     for (ri, ti), a in zip(where, adv):

@@ -8,7 +8,7 @@ import domains
 import emodistill
 import negotiate as ng
 import report
-from offers import format_offer
+from offers import format_offer, parse_offer
 
 
 class Replay:
@@ -137,3 +137,23 @@ def test_offer_fidelity_on_hand_made_transcripts():
     rec2 = dict(rec, turns=[_turn(offer34, 34.0)])
     s = report.summarize([rec, rec2])
     assert s["offer_fidelity"][0] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_the_judge_pays_for_stating_the_planned_move(cfg):
+    """A reply that states another in-range number than the plan scores lower on `offer` than
+    the planned number (the number is the planner's; the words are judged on stating it)."""
+    ep = ng.run_episodes(cfg, _episodes(cfg, 1), ng.SimTeacher(cfg), ng.SimCounterparty(cfg),
+                         ng.fixed_emotion_policy("anger"))[0]
+    rec = ng.to_record(ep)
+    i = next(i for i, t in enumerate(rec["turns"]) if t["speaker"] == "focal" and t["plan"]["move"] == "offer" and i > 0)
+    planned = rec["turns"][i]["plan"]["offer"]
+    other = planned + (1 if rec["focal_prefers"] == "higher" else -1) * 3   # firmer, still in range
+    unit = rec["unit"]
+    said = f"I am furious about this. I need it within {format_offer(planned, unit)}."
+    firmer = f"I am furious about this. I need it within {format_offer(other, unit)}."
+    judged = {}
+    for name, text in (("planned", said), ("other", firmer)):
+        r = dict(rec, turns=[dict(t) for t in rec["turns"][:i]] + [dict(rec["turns"][i], text=text)])
+        r["turns"][i]["offer"] = parse_offer(text, unit)
+        judged[name] = next(j for j in ng.judge_record(r, cfg) if j["turn"] == i)["components"]["offer"]
+    assert judged == {"planned": 1.0, "other": 0.5}
