@@ -221,8 +221,8 @@ def select_sft_turns(records, adv, where, top_k, max_examples, seed, min_per_emo
        selector may pick has examples of how to say it (the IQL selector only picks emotions
        seen in the corpus). Emotion-free turns (emotion None) have no minimum;
     3. cap: when that is more than the stratum's cap (0: no cap) -- `max_examples // number of
-       domains`, shared between the domain's strata in proportion to their number of turns, at
-       least one each -- the cap is
+       domains`, shared between the domain's strata in proportion to their number of turns
+       (largest remainder, so the shares sum to it) -- the cap is
        filled first with each emotion's best turns up to its minimum, taken in rounds (every
        emotion's best turn, then every emotion's second best, ...; within a round, emotions in
        the order of their best turn), and the rest of the cap with a seeded random sample of the
@@ -242,11 +242,17 @@ def select_sft_turns(records, adv, where, top_k, max_examples, seed, min_per_emo
     n_dom = {}
     for d, _ in by_stratum:
         n_dom[d] = n_dom.get(d, 0) + 1
-    dom_turns = {d: sum(len(v) for (d2, _), v in by_stratum.items() if d2 == d) for d in n_dom}
     dom_cap = max(1, max_examples // len(n_dom)) if max_examples else None
+    caps = {}
+    for d in n_dom:                          # the domain's cap shared by largest remainder: sums to it
+        keys = sorted(k for k in by_stratum if k[0] == d)
+        if dom_cap:
+            caps.update(zip(keys, largest_remainder(dom_cap, [len(by_stratum[k]) for k in keys])))
     picked = []
     for d, move in sorted(by_stratum):
-        cap = max(1, round(dom_cap * len(by_stratum[d, move]) / dom_turns[d])) if dom_cap else None
+        cap = caps.get((d, move))
+        if cap == 0:
+            continue
         rows = sorted(by_stratum[d, move], key=lambda x: (-x[0], x[1], x[2]))   # rank 0 = best
         ranks = {}                                                           # emotion -> its ranks, best first
         for i, row in enumerate(rows):
@@ -262,6 +268,15 @@ def select_sft_turns(records, adv, where, top_k, max_examples, seed, min_per_emo
         keep = sorted(keep, key=lambda i: (rows[i][3] is not None, rows[i][3] or "", i))
         picked += [(rows[i][1], rows[i][2], rows[i][0]) for i in keep]
     return picked
+
+
+def largest_remainder(total, sizes):
+    """`total` split in proportion to `sizes` into whole numbers that sum to `total`."""
+    exact = [total * n / sum(sizes) for n in sizes]
+    out = [math.floor(x) for x in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: out[i] - exact[i])[:total - sum(out)]:
+        out[i] += 1
+    return out
 
 
 def encode_example(tok, prompt, response):
