@@ -103,7 +103,8 @@ def test_lm_agent_with_cache_plays_like_without(cfg, tiny_lm):
         ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), ng.random_emotion_policy())
         runs.append([[t["text"] for t in ep.turns] for ep in eps])
         if kv:
-            assert agent.reused_tokens > agent.prompt_tokens  # later turns mostly reuse the cache
+            # later turns reuse the cached system prompt (the compact state prompt changes below it)
+            assert agent.reused_tokens > 0.5 * agent.prompt_tokens
             assert all(not any(k.startswith("kv:") for k in ep.private) for ep in eps)  # freed
     assert runs[0] == runs[1]
 
