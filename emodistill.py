@@ -153,7 +153,7 @@ def load_judged(out, on_bad_line="error"):
 # 3. iql: which emotion (iql.py)
 # ----------------------------------------------------------------------------------------
 
-def train_iql(out="runs/default", domains_file="domains.yaml", side="focal", steps=20000, expectile=0.7, beta=3.0,
+def train_iql(out="runs/default", domains_file="domains.yaml", side="focal", steps=10000, expectile=0.7, beta=3.0,
               seed=0, save_every=2000, on_bad_line="error", force=False):
     """Train the IQL emotion selector on the judged corpus -> runs/NAME/iql.pt (resumable)."""
     import iql

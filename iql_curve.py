@@ -23,7 +23,15 @@ One training run gives every point: iql.train continues from the previous step c
 Scenarios 80-99 (the test split) are refused.
 
     python iql_curve.py --out runs/NAME [--steps 1000,2000,4000,6000,10000,20000] [--seeds 5]
-                        [--expectile 0.7] [--beta 3] [--clip-weight 100]
+                        [--expectile 0.7] [--beta 3] [--clip-weight 100] [--hidden 64]
+
+Measured (sim corpus, 20 and 50 seeds per scenario, 10 validation seeds; teacher-random 0.140):
+with hidden 256 the utility peaked early (0.269 at 2000 steps, 0.306 at 6000 on the larger
+corpus) and fell to 0.162 / 0.257 at 20000, while Q stayed near the Monte-Carlo return (no
+overestimation, nothing clipped) and the held-out TD error and policy loss rose (0.08 -> 0.30,
+3.0 -> 6.9): the networks memorised the corpus. Policy dropout 0.2 did not stop it (0.184 at
+20000). With hidden 64 (now the default) the held-out losses stay flat and the utility rises to a
+plateau: 0.295 / 0.291 (two training seeds) and 0.315 (50 seeds) at 10000, the same at 20000.
 """
 from __future__ import annotations
 
@@ -176,13 +184,13 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=5, help="episodes per validation scenario and domain")
     p.add_argument("--seed", type=int, default=0, help="IQL initialisation and episode randomness")
     d = iql.IQLConfig()
-    for k in ("expectile", "beta", "clip_weight", "lr", "gamma", "outcome_weight", "fail_penalty", "policy_dropout"):
+    for k in ("expectile", "beta", "clip_weight", "lr", "gamma", "outcome_weight", "fail_penalty"):
         p.add_argument("--" + k.replace("_", "-"), type=float, default=getattr(d, k))
     p.add_argument("--hidden", type=int, default=d.hidden)
     a = p.parse_args(argv)
     hp = iql.IQLConfig(expectile=a.expectile, beta=a.beta, clip_weight=a.clip_weight, lr=a.lr, gamma=a.gamma,
                        outcome_weight=a.outcome_weight, fail_penalty=a.fail_penalty, hidden=a.hidden, seed=a.seed,
-                       policy_dropout=a.policy_dropout, log_every=10 ** 9)
+                       log_every=10 ** 9)
     curve(a.out, [int(s) for s in a.steps.split(",")], _ids(a.train_ids), _ids(a.val_ids), a.seeds, hp,
           seed=a.seed)
     return 0

@@ -5,20 +5,20 @@
 # folder. With JOBS=2 the same stages run in two lanes side by side: lanes.sh.
 #
 # PROFILE=quick (default) is sized for a 2-core CPU (docs/notebook.md has its measured wall time);
-# PROFILE=paper is the paper-size run for a GPU: 80 scenarios x 50 seeds per domain, IQL 20k
+# PROFILE=paper is the paper-size run for a GPU: 80 scenarios x 50 seeds per domain, IQL 10k
 # steps, SFT on the full top 10%, JPO on every training scenario, 5 eval seeds.
 # Any setting below can be overridden from the environment, e.g. SEEDS=50 bash train.sh.
 set -euo pipefail
 cd "$(dirname "$0")"
 PROFILE=${PROFILE:-quick}
 if [ "$PROFILE" = "paper" ]; then
-  D_SEEDS=50; D_STEPS=20000; D_SFT_MAX=0; D_SFT_EPOCHS=2; D_JPO_SCEN=80; D_JPO_GROUP=8; D_JPO_EPOCHS=2
+  D_SEEDS=50; D_STEPS=10000; D_SFT_MAX=0; D_SFT_EPOCHS=2; D_JPO_SCEN=80; D_JPO_GROUP=8; D_JPO_EPOCHS=2
   D_MICRO=8; D_ACCUM=1; D_JOBS=1
   D_EVAL_SEEDS=5; D_RUN=runs/paper; D_STUDIES=emotions,transfer,counterparties,tournament; D_TOURNEY_SCEN=20
   D_TRANSFER_LM=1
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,random,best-fixed,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free
 elif [ "$PROFILE" = "quick" ]; then
-  D_SEEDS=50; D_STEPS=6000; D_SFT_MAX=256; D_SFT_EPOCHS=2; D_JPO_SCEN=4; D_JPO_GROUP=4; D_JPO_EPOCHS=1
+  D_SEEDS=50; D_STEPS=10000; D_SFT_MAX=256; D_SFT_EPOCHS=2; D_JPO_SCEN=4; D_JPO_GROUP=4; D_JPO_EPOCHS=1
   D_MICRO=2; D_ACCUM=4; D_JOBS=auto
   D_EVAL_SEEDS=1; D_RUN=runs/default; D_STUDIES=; D_TOURNEY_SCEN=5; D_TRANSFER_LM=0
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,iql,iql+sft,emodistill,jpo-emotion-free
@@ -30,7 +30,7 @@ STUDENT=${STUDENT:-smollm2}               # the LM expresser: smollm2 (offline),
 OFFERS=${OFFERS:-planned}                 # planned: the prompt states the offer planner's move; free: the LM
                                           # picks the number (the paper's setting; use its own RUN)
 SEEDS=${SEEDS:-$D_SEEDS}                  # trajectories per training scenario (paper: 50)
-STEPS=${STEPS:-$D_STEPS}                  # IQL gradient steps (paper-size: 20000)
+STEPS=${STEPS:-$D_STEPS}                  # IQL gradient steps (10000: the validation curve plateaus there, iql_curve.py)
 SFT_MAX=${SFT_MAX:-$D_SFT_MAX}            # SFT examples kept from the top 10% (0 = all of them), at least a
                                           # few per emotion and domain
 SFT_EPOCHS=${SFT_EPOCHS:-$D_SFT_EPOCHS}
@@ -92,7 +92,7 @@ judge() { stage judge $PY emodistill.py judge --out "$RUN" $FORCE_FLAG; }
 # a summary of the behaviour corpus per domain, printed (seconds; not timed as a stage)
 summary() { $PY emodistill.py summary --out "$RUN"; }
 # the emotion selector pi(e|s) by discrete IQL on the judged corpus, STEPS gradient steps of
-# batch 256 (~80 steps/s: ~2 min at quick's 6000) -> $RUN/iql.pt
+# batch 256 (hidden 64: 20000 steps in 134 s on one core, ~1 min at 10000) -> $RUN/iql.pt
 iql() { stage iql $PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLAG; }
 # LoRA (r=16 on q,k,v,o) on the student, imitating the focal turns with the top 10% IQL
 # advantage, the prompt exactly as at inference, loss on the response only. quick: a sample of
@@ -136,7 +136,7 @@ study_emotions() {
 }
 # transfer: one IQL selector per domain tested on every domain (sim, ~1 min per domain); with
 # TRANSFER_LM=1 also an SFT adapter per domain and the student with selector + adapter on 10
-# held-out scenarios of every domain (~28 min more at STEPS=6000)
+# held-out scenarios of every domain (~28 min more at STEPS=10000)
 study_transfer() {
   local LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios 10 --lm-batch "$EVAL_BATCH")
   stage study-transfer $PY emodistill.py study-transfer --out "$RUN" --steps "$STEPS" --seeds "$EVAL_SEEDS" \

@@ -234,17 +234,3 @@ def test_return_correlations_by_hand():
     assert iql.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1])
     assert np.isnan(iql.pearson([1, 1], [1, 2])) and np.isnan(iql.pearson([1], [2]))
 
-
-def test_policy_dropout_resumes_exactly_keeps_checkpoint_keys_and_is_off_at_inference():
-    data = _synthetic(500)
-    cfg = iql.IQLConfig(steps=40, hidden=16, log_every=10**9, policy_dropout=0.3)
-    full, *_ = iql.train(data, cfg, log=None)
-    m, t, o, step = iql.train(data, cfg, log=None, stop_at=20)
-    iql.Selector(m, {"domains": [], "max_turns": 30})        # leaves the model in eval mode
-    m, *_ = iql.train(data, cfg, m, t, o, start=step, log=None)
-    for a, b in zip(full.state_dict().values(), m.state_dict().values()):
-        assert torch.equal(a, b)
-    assert list(full.state_dict()) == list(iql.IQL(2, hidden=16).state_dict())   # same layout as without dropout
-    full.eval()
-    x = torch.randn(8, 2)
-    assert torch.equal(full.policy_logits(x), full.policy_logits(x))
