@@ -181,17 +181,23 @@ def reference_logprobs(model, examples, micro, pad_id, cfg: JPOConfig):
     return out
 
 
-def train_jpo(model, examples, rewards, groups, pad_id, cfg: JPOConfig, ckpt=None, log=print, progress=None):
-    """JPO on encoded examples (lora.encode_example) with judge rewards and group keys.
-    The model's current LoRA weights are the reference. Resumes from `ckpt` when present.
-    Returns a dict with the per-step diagnostics."""
+def _prepare(model):
+    """The LoRA parameters set to train and the model's device, the model in eval mode (no
+    dropout: rho == 1 exactly at step 0). Both JPO modes start here."""
     params = lora.trainable_parameters(model)
     if not params:
         raise ValueError("the model has no LoRA layers: load the SFT adapter first")
     for p in params:
         p.requires_grad_(True)
-    model.eval()                                        # no dropout: rho == 1 exactly at step 0
-    dev = next(model.parameters()).device
+    model.eval()
+    return params, next(model.parameters()).device
+
+
+def train_jpo(model, examples, rewards, groups, pad_id, cfg: JPOConfig, ckpt=None, log=print, progress=None):
+    """JPO on encoded examples (lora.encode_example) with judge rewards and group keys.
+    The model's current LoRA weights are the reference. Resumes from `ckpt` when present.
+    Returns a dict with the per-step diagnostics."""
+    params, dev = _prepare(model)
     adv_all = group_advantages(rewards, groups, cfg.adv_clip)
     lengths = [len(e["input_ids"]) for e in examples]
     micro = [b for ep in range(math.ceil(cfg.epochs))
@@ -289,15 +295,9 @@ def train_jpo_resample(model, states, prompts, sample, score, encode, pad_id, cf
     model's LoRA weights on entry). `encode(prompt, text)` makes a training example
     (lora.encode_example). Resumes from `ckpt` when present. Returns a dict with the per-step
     diagnostics, among them `score`, the samples' mean judge score."""
-    params = lora.trainable_parameters(model)
-    if not params:
-        raise ValueError("the model has no LoRA layers: load the SFT adapter first")
     if cfg.group_size < 2:
         raise ValueError("the re-sample mode needs at least 2 samples a state (group_size) to compare")
-    for p in params:
-        p.requires_grad_(True)
-    model.eval()                                        # no dropout: rho == 1 exactly at step 0
-    dev = next(model.parameters()).device
+    params, dev = _prepare(model)
     steps = resample_order(len(states), cfg)
     total = len(steps)
     warmup = max(1, int(total * cfg.warmup_frac))
