@@ -254,10 +254,12 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
     records = [rec for rec in records if rec["domain"] in spec["domains"]]
     data = iql.transitions(records, spec["domains"], iql.IQLConfig(**spec["config"]), spec["max_turns"])
     adv = iql.advantages(model_q, data, spec["config"]["gamma"]).tolist()
-    picked = lora.select_sft_turns(records, adv, data["where"], top_k, max_examples, seed, hp.min_per_emotion)
+    picked = lora.select_sft_turns(records, adv, data["where"], top_k, max_examples, seed, hp.min_per_emotion,
+                                    hp.min_move_share)
     model, tok = load_lm(student)
     rows = [{"key": records[ri]["key"], "turn": ti, "domain": records[ri]["domain"],
              "emotion": records[ri]["turns"][ti].get("emotion"), "advantage": round(a, 4),
+             "move": (records[ri]["turns"][ti].get("plan") or {}).get("move"),
              "prompt": sft_prompt(cfg, tok, records[ri], ti, emotion_free, offers),
              "response": records[ri]["turns"][ti]["text"]} for ri, ti, a in picked]
     n_all, adv_mean = len(adv), sum(adv) / len(adv)
@@ -269,7 +271,8 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
     sink.finish()
     per_dom = {d: [x["emotion"] for x in rows if x["domain"] == d] for d in sorted({x["domain"] for x in rows})}
     print(f"[sft] {len(rows)} examples: top {top_k}% (~{math.ceil(n_all * top_k / 100)}) of {n_all} focal turns "
-          f"by IQL advantage per domain, topped up to {hp.min_per_emotion} per emotion"
+          f"by IQL advantage per domain, topped up to {hp.min_per_emotion} per emotion and "
+          f"{hp.min_move_share:.0%} per move ({sum(x['move'] == 'accept' for x in rows)} accept turns)"
           + (f", capped at {max_examples}" if max_examples else "")
           + " (" + ", ".join(f"{d} {len(e)} with {len(set(e) - {None})} emotions" for d, e in per_dom.items())
           + f"); mean advantage {sum(x['advantage'] for x in rows) / len(rows):.3f} (all turns "

@@ -43,7 +43,10 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r=16, alpha=32, dropout=0.05):
         super().__init__()
         self.base_layer = base.requires_grad_(False)
+        # BEGIN A2 scaling
+        # hint: store r, alpha and the scale of the low-rank path, self.scaling (the paper's alpha over r)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        # END A2
         # the adapter is float32 whatever the base's dtype: on a bf16 base (the GPU default) an
         # AdamW step of lr 2e-4 is below bf16's resolution for most of A's entries and is lost
         dev = base.weight.device
@@ -68,36 +71,56 @@ class LoRALinear(nn.Module):
 
     def delta(self):
         """The low-rank update (alpha / r) B A, shaped like the base weight."""
+        # BEGIN A2 delta
+        # hint: (alpha / r) * B A as an (out, in) matrix: lora_B.weight is (out, r), lora_A.weight (r, in)
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling          # out, in
+        # END A2
 
     def forward(self, x):
+        # BEGIN A2 forward
+        # hint: y = W x (+ bias) from base_layer; when not merged add scaling * B(A(dropout(x))), the
+        # adapter path in the adapter's float32, the sum in the base output's dtype
         y = self.base_layer(x)
         if self.merged:
             return y
         z = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))   # ..., out (fp32)
         return y + (z * self.scaling).to(y.dtype)
+        # END A2
 
     @torch.no_grad()
     def merge(self):
+        # BEGIN A2 merge
+        # hint: once only (check self.merged): add delta() into the base weight, in its dtype; set merged
         if not self.merged:
             self.base_layer.weight += self.delta().to(self.base_layer.weight.dtype)
             self.merged = True
+        # END A2
 
     @torch.no_grad()
     def unmerge(self):
+        # BEGIN A2 unmerge
+        # hint: only when merged: take delta() back out of the base weight; clear merged
         if self.merged:
             self.base_layer.weight -= self.delta().to(self.base_layer.weight.dtype)
             self.merged = False
+        # END A2
 
 
 def _matches(name, targets):
     """PEFT-style matching: a target matches a module whose name is it or ends in '.target'."""
+    # BEGIN A2 matches
+    # hint: True when the name equals a target or ends in "." + target ("attn.q_proj" yes, "attn.xq_proj" no)
     return any(name == t or name.endswith("." + t) for t in targets)
+    # END A2
 
 
 def inject(model, targets=DEFAULT_TARGETS, r=16, alpha=32, dropout=0.05):
     """Freeze the model and wrap every nn.Linear whose name matches `targets` in a LoRALinear.
     Returns the names of the wrapped modules. Raises if nothing matched."""
+    # BEGIN A2 inject
+    # hint: freeze every parameter; find the nn.Linear modules whose names _matches a target (ValueError
+    # "no nn.Linear module matches ..." when none); replace each on its parent by a LoRALinear in the
+    # model's train/eval mode; return the names in named_modules order
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)]
     if not names:
@@ -108,6 +131,7 @@ def inject(model, targets=DEFAULT_TARGETS, r=16, alpha=32, dropout=0.05):
         # the new layer follows the model's mode: on a model in eval mode its dropout is off
         setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout).train(model.training))
     return names
+    # END A2
 
 
 def lora_modules(model):
@@ -201,28 +225,33 @@ class SFTConfig:
     max_grad_norm: float = 1.0   # gradient-norm clip
     heldout_frac: float = 0.1    # share of examples kept out for the early-stopping loss (rounded up, stratified)
     min_per_emotion: int = 4     # SFT data: turns per emotion and domain kept even below the top-K cut
+    min_move_share: float = 0.2  # SFT data: least share of a domain's examples for each planned move (offer, accept)
     eval_every: int = 10         # optimiser steps between held-out evaluations
     patience: int = 3            # evaluations without improvement before stopping early
     max_len: int = 2048          # longer examples lose prompt tokens from the left (never the response)
     seed: int = 0                # held-out split, batch order and dropout
 
 
-def select_sft_turns(records, adv, where, top_k, max_examples, seed, min_per_emotion=4):
+def select_sft_turns(records, adv, where, top_k, max_examples, seed, min_per_emotion=4, min_move_share=0.2):
     """The focal turns to imitate, chosen per stratum, a domain and a planned move (offer or
     accept, the turn's `plan`), so that neither a domain with larger advantages nor the
     deal-closing accept turns (their advantage carries the outcome: without strata they were
     42% of the examples, and the student learned to say "Agreed, 52 days" when told to offer)
     crowd out the rest, by three rules in turn:
 
-    1. top K: the top `top_k` percent of the stratum's focal turns by advantage (at least one);
+    1. top K: the top `top_k` percent of the stratum's focal turns by advantage (at least one),
+       raised for a move that would be rare to `min_move_share` of the domain's examples (the
+       cap, or without one the domain's top K) where it has the turns. Accept turns are ~2% of
+       the corpus, and with their plain share (5 of 256 examples) the student never accepted
+       when told to (0 of 129 planned accepts in a quick run, docs/notebook.md);
     2. per-emotion minimum: every emotion that the domain's turns carry and that has fewer than
        `min_per_emotion` turns in the top K gets its highest-advantage turns added, even below
        the cut, until it has `min_per_emotion` or runs out of turns. So every emotion the
        selector may pick has examples of how to say it (the IQL selector only picks emotions
        seen in the corpus). Emotion-free turns (emotion None) have no minimum;
     3. cap: when that is more than the stratum's cap (0: no cap) -- `max_examples // number of
-       domains`, shared between the domain's strata in proportion to their number of turns
-       (largest remainder, so the shares sum to it) -- the cap is
+       domains`, shared between the domain's strata, each first given its `min_move_share`
+       and the rest in proportion to their number of turns (`move_caps`) -- the cap is
        filled first with each emotion's best turns up to its minimum, taken in rounds (every
        emotion's best turn, then every emotion's second best, ...; within a round, emotions in
        the order of their best turn), and the rest of the cap with a seeded random sample of the
@@ -243,11 +272,21 @@ def select_sft_turns(records, adv, where, top_k, max_examples, seed, min_per_emo
     for d, _ in by_stratum:
         n_dom[d] = n_dom.get(d, 0) + 1
     dom_cap = max(1, max_examples // len(n_dom)) if max_examples else None
+    top = {k: max(1, math.ceil(len(rows) * top_k / 100)) for k, rows in by_stratum.items()}
     caps = {}
-    for d in n_dom:                          # the domain's cap shared by largest remainder: sums to it
+    for d in n_dom:
         keys = sorted(k for k in by_stratum if k[0] == d)
-        if dom_cap:
-            caps.update(zip(keys, largest_remainder(dom_cap, [len(by_stratum[k]) for k in keys])))
+        sizes = [len(by_stratum[k]) for k in keys]
+        if dom_cap:                      # the domain's cap over its strata (sums to it); a move given
+            plain = largest_remainder(dom_cap, sizes)   # more than its plain share fills it, best first
+            caps.update(zip(keys, move_caps(dom_cap, sizes, min_move_share)))
+            for k, p in zip(keys, plain):
+                if caps[k] > p:
+                    top[k] = max(top[k], caps[k])
+        else:                            # no cap: every move at least its share of the domain's top K
+            total = sum(top[k] for k in keys)
+            for k, n in zip(keys, sizes):
+                top[k] = max(top[k], min(n, math.ceil(min_move_share * total)))
     picked = []
     for d, move in sorted(by_stratum):
         cap = caps.get((d, move))
@@ -259,7 +298,7 @@ def select_sft_turns(records, adv, where, top_k, max_examples, seed, min_per_emo
             if row[3] is not None:
                 ranks.setdefault(row[3], []).append(i)
         floors = [rs[:min_per_emotion] for rs in ranks.values()]             # in the order of each best turn
-        keep = set(range(max(1, math.ceil(len(rows) * top_k / 100)))).union(*floors)
+        keep = set(range(top[d, move])).union(*floors)
         if cap and len(keep) > cap:
             reserved = [f[j] for j in range(max(map(len, floors), default=0)) for f in floors if j < len(f)][:cap]
             rest = sorted(keep.difference(reserved))
@@ -268,6 +307,17 @@ def select_sft_turns(records, adv, where, top_k, max_examples, seed, min_per_emo
         keep = sorted(keep, key=lambda i: (rows[i][3] is not None, rows[i][3] or "", i))
         picked += [(rows[i][1], rows[i][2], rows[i][0]) for i in keep]
     return picked
+
+
+def move_caps(total, sizes, min_share):
+    """`total` examples over strata of `sizes` turns: each stratum first gets `min_share` of
+    the total (or all its turns, if fewer), the rest goes in proportion to the turns left.
+    Whole numbers that sum to `total` (when the strata hold that many)."""
+    floors = [min(n, math.ceil(min_share * total)) for n in sizes]
+    if sum(floors) >= total:
+        return largest_remainder(total, floors)
+    rest = largest_remainder(total - sum(floors), [n - f for n, f in zip(sizes, floors)])
+    return [f + x for f, x in zip(floors, rest)]
 
 
 def largest_remainder(total, sizes):
@@ -284,9 +334,13 @@ def encode_example(tok, prompt, response):
     ids on the response followed by the end-of-turn token, so the loss covers exactly what
     the model must generate. The prompt is the chat-templated text that ends with the
     assistant header; tokenised apart from the response so the boundary is exact."""
+    # BEGIN A3 encode_example
+    # hint: ids of prompt and of response (add_special_tokens=False), then end_of_turn_id(tok) after the
+    # response; labels: -100 on every prompt token, the ids themselves on the response and end token
     p = tok(prompt, add_special_tokens=False).input_ids
     r = tok(response, add_special_tokens=False).input_ids + [end_of_turn_id(tok)]
     return {"input_ids": p + r, "labels": [-100] * len(p) + r}
+    # END A3
 
 
 def end_of_turn_id(tok):
@@ -300,6 +354,9 @@ def end_of_turn_id(tok):
 
 def collate(examples, pad_id, max_len=None):
     """Right-padded batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
+    # BEGIN A3 collate
+    # hint: keep the last max_len tokens of each example; pad on the right to the longest: ids with
+    # pad_id, labels with -100, attention_mask 1 on real tokens and 0 on padding (all long tensors)
     if max_len:
         examples = [{k: v[-max_len:] for k, v in e.items()} for e in examples]
     n = max(len(e["input_ids"]) for e in examples)
@@ -312,6 +369,7 @@ def collate(examples, pad_id, max_len=None):
         labels[i, :k] = torch.tensor(e["labels"])
         mask[i, :k] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # END A3
 
 
 def token_logprobs(model, batch):
@@ -320,8 +378,12 @@ def token_logprobs(model, batch):
 
     The vocabulary projection is applied only at the response positions: with ~35 response
     tokens in a ~600-token example that saves most of the (S x 49k) logits and their memory."""
+    # BEGIN A3 logprob_targets
+    # hint: ids = the input ids (B, S); target = the label each position t < S-1 predicts, the label of
+    # token t+1 (B, S-1); mask = where target is a real label (not -100)
     ids, target = batch["input_ids"], batch["labels"][:, 1:]                                      # B,S ; B,S-1
     mask = target != -100
+    # END A3
     am = batch.get("attention_mask")
     if am is not None and bool((am[:, 1:] <= am[:, :-1]).all()):
         # right padding only (what `collate` makes): causal attention never looks to the right,
@@ -337,17 +399,26 @@ def token_logprobs(model, batch):
     else:
         h = model.base_model(input_ids=ids, attention_mask=am).last_hidden_state               # B,S,D
         picked = head(h[:, :-1][mask])                                                          # N,V
+    # BEGIN A3 logprob_gather
+    # hint: picked (N, V) are the logits at the N masked positions, in row-major order; log-softmax them
+    # over the vocabulary (in float32), take each one's target token, and return (lp, mask) with lp a
+    # (B, S-1) float tensor holding those values at the masked positions and 0 elsewhere
     lp_picked = torch.gather(F.log_softmax(picked.float(), -1), 1, target[mask][:, None]).squeeze(1)  # N
     lp = torch.zeros(mask.shape, dtype=lp_picked.dtype, device=ids.device).masked_scatter(mask, lp_picked)
     return lp, mask
+    # END A3
 
 
 def sft_loss(model, batch, n_tokens=None):
     """Negative log-likelihood of the batch's response tokens, divided by `n_tokens` (default:
     the batch's own response-token count, i.e. the mean). `train_sft` passes the count of the
     whole optimiser step, so that the accumulated gradient is that of the step's mean."""
+    # BEGIN A3 sft_loss
+    # hint: minus the sum of the response tokens' log-probs (token_logprobs), over n_tokens, or over
+    # the batch's own count of response tokens (at least 1) when n_tokens is None
     lp, mask = token_logprobs(model, batch)
     return -lp.sum() / (mask.sum().clamp(min=1) if n_tokens is None else n_tokens)
+    # END A3
 
 
 def lr_at(step, total, warmup, peak):

@@ -139,12 +139,36 @@ def test_select_sft_turns_keeps_accept_turns_to_their_share():
     recs = [{"domain": "a", "turns": turns}]
     where = [(0, i) for i in range(200)]
     adv = [5.0 + i / 100 if t["plan"]["move"] == "accept" else i / 1000 for i, t in enumerate(turns)]
-    picked = lora.select_sft_turns(recs, adv, where, top_k=20, max_examples=40, seed=0, min_per_emotion=0)
-    moves = [turns[ti]["plan"]["move"] for _, ti, _ in picked]
-    assert len(picked) == 40 and moves.count("accept") == 4          # 10% of the turns, 10% of the set
+    plain = lora.select_sft_turns(recs, adv, where, top_k=20, max_examples=40, seed=0, min_per_emotion=0,
+                                  min_move_share=0)
+    moves = [turns[ti]["plan"]["move"] for _, ti, _ in plain]
+    assert len(plain) == 40 and moves.count("accept") == 4           # 10% of the turns, 10% of the set
     # within a stratum still the best by advantage: the offer turns kept are the top 20% of offers
-    offers = sorted(a for _, ti, a in picked if turns[ti]["plan"]["move"] == "offer")
+    offers = sorted(a for _, ti, a in plain if turns[ti]["plan"]["move"] == "offer")
     assert min(offers) >= sorted(a for a, t in zip(adv, turns) if t["plan"]["move"] == "offer")[-36]
+
+
+def test_select_sft_turns_gives_a_rare_move_its_minimum_share():
+    """Accept turns are rare in the corpus (~2%): at their plain share the student saw too few
+    to learn to accept. With min_move_share each move gets at least that share of the cap
+    (8 of 40 here), the rest in proportion to the turns left ([12, 172] -> 2 and 22), filled
+    with its best turns; without a cap, that share of the domain's top K."""
+    turns = [{"speaker": "focal", "emotion": "joy", "plan": {"move": "accept" if i % 10 == 0 else "offer"}}
+             for i in range(200)]
+    recs = [{"domain": "a", "turns": turns}]
+    where = [(0, i) for i in range(200)]
+    adv = [i / 1000 for i in range(200)]              # accept turns no better than the offers around them
+    picked = lora.select_sft_turns(recs, adv, where, top_k=20, max_examples=40, seed=0, min_per_emotion=0,
+                                   min_move_share=0.2)
+    acc = sorted(ti for _, ti, _ in picked if turns[ti]["plan"]["move"] == "accept")
+    assert len(picked) == 40 and len(acc) == 10
+    assert acc == list(range(100, 200, 10))            # the 10 best accept turns
+    assert lora.move_caps(40, [20, 180], 0.2) == [10, 30]
+    assert lora.move_caps(40, [3, 180], 0.2) == [3, 37]   # a move with fewer turns than its share: all of them
+    uncapped = lora.select_sft_turns(recs, adv, where, top_k=20, max_examples=0, seed=0, min_per_emotion=0,
+                                     min_move_share=0.2)
+    n_acc = sum(turns[ti]["plan"]["move"] == "accept" for _, ti, _ in uncapped)
+    assert n_acc == 8 and len(uncapped) == 36 + 8     # ceil(0.2 x (4 + 36)) accept turns, 36 offers
 
 
 def _corpus(spec, turns_per_record=3):
