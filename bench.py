@@ -13,10 +13,11 @@ from models import load_lm
 
 
 def bench(domains_file="domains.yaml", what="collect,iql,generate,sft", sim_seeds=50, model="smollm2", batch=64,
-          new_tokens=48, train_batch=8, train_len=560, reps=3):
+          new_tokens=48, train_batch=8, train_len=560, reps=3, batches="", decoders="eager,static"):
     """Throughput on this machine: sim collection (trajectories/s), IQL gradient steps/s,
-    SmolLM2 generation (new tokens/s at batch 1 and at the LMAgent batch size), and the cost of
-    an SFT and a JPO training step."""
+    SmolLM2 generation (`batches`, default 1 and `batch`: model.generate against the cached
+    decoder in each of `decoders`; see _bench_generate), and the cost of an SFT and a JPO
+    training step."""
     cfg = load_config(domains_file)
     perceiver = ng.Perceiver(cfg.emotions)
     if "collect" in what:
@@ -50,30 +51,64 @@ def bench(domains_file="domains.yaml", what="collect,iql,generate,sft", sim_seed
               f"features, torch threads {torch.get_num_threads()}) in {dt:.1f}s = {hp.steps / dt:.0f} steps/s; "
               f"20k steps take ~{20000 / (hp.steps / dt) / 60:.1f} min")
     if "generate" in what:
-        _bench_generate(cfg, perceiver, model, batch, new_tokens)
+        _bench_generate(cfg, perceiver, model, batch, new_tokens, batches, decoders)
     if "sft" in what or "jpo" in what:
         _bench_train(model, train_batch, train_len, reps)
 
 
-def _bench_generate(cfg, perceiver, model_spec, batch, new_tokens):
-    """Generation speed, three ways, on negotiation prompts 4 turns in (crad domain):
-    `model.generate` (prefill + decode), our cached decoder from scratch (prefill and decode
-    timed apart), and a multi-turn collection where the cache is reused between turns."""
-    import torch
-
-    import decode
-    model, tok = load_lm(model_spec)
-    print(f"generate[{model_spec}]: device {next(model.parameters()).device}, dtype {model.dtype}, "
-          f"torch threads {torch.get_num_threads()}, {new_tokens} new tokens max")
+def _lm_episodes(cfg, perceiver, n):
+    """n negotiations 4 turns in (crad domain): scenarios 0-99 with seed 0, then seed 1, ..."""
     dom = cfg.domains["crad"]
-    eps = [ng.new_episode(dom, sc, 0) for sc in make_scenarios(dom)[:batch]]
+    scs = make_scenarios(dom)
+    eps = [ng.new_episode(dom, scs[i % len(scs)], i // len(scs)) for i in range(n)]
     four = dataclasses.replace(cfg, max_turns=4)
     ng.run_episodes(four, eps, ng.SimTeacher(cfg), ng.SimCounterparty(cfg, perceiver),
                     ng.random_emotion_policy(), perceiver)
     for ep in eps:
         ep.end = None
-    emos = ng.random_emotion_policy()(eps)
-    for bs in sorted({1, batch}):
+    return eps, ng.random_emotion_policy()(eps)
+
+
+def _cached_agent(model, tok, cfg, mode, **kw):
+    """An LMAgent whose cached decoder is `mode`: eager (the step that reads only the columns
+    so far), static (the fixed-shape step; in CUDA graphs on a GPU)."""
+    import decode
+    agent = ng.LMAgent(model, tok, cfg, kv_cache=True, **kw)
+    d = agent.decoder
+    agent.decoder = decode.KVDecoder(model, d.eos.tolist(), d.max_new_tokens, d.temperature, d.top_p, d.top_k,
+                                     static=mode != "eager")
+    return agent
+
+
+def _mode_name(d):
+    return "graphs" if d.graphs else "static" if d.static else "eager"
+
+
+def _bench_generate(cfg, perceiver, model_spec, batch, new_tokens, batches="", decoders="eager,static"):
+    """Generation speed on negotiation prompts 4 turns in (crad domain), at each batch size of
+    `batches` (default 1 and `batch`): `model.generate` end to end (prefill + decode), and our
+    cached decoder from an empty cache, once per mode of `decoders` (eager, static: see
+    decode.py), after one untimed call of the same shape (so the graphs exist): decoding
+    ms/step, prefill, end to end and the ratio to `model.generate`. Then, with both modes, the
+    share of identical greedy replies; and a 12-turn collection at `batch` where the cache is
+    reused between turns, once per mode."""
+    import torch
+
+    import decode
+    model, tok = load_lm(model_spec)
+    sizes = [int(b) for b in str(batches).split(",") if b.strip()] if batches else sorted({1, batch})
+    modes = [m.strip() for m in decoders.split(",") if m.strip()]
+    if not decode.supports(model):
+        modes = []
+    print(f"generate[{model_spec}]: device {next(model.parameters()).device}, dtype {model.dtype}, "
+          f"torch threads {torch.get_num_threads()}, {new_tokens} new tokens max, batches {sizes}")
+    eps, emos = _lm_episodes(cfg, perceiver, max(max(sizes), 2))
+
+    def fresh(eps_):
+        for ep in eps_:
+            ep.private.pop("kv:focal", None)
+
+    for bs in sizes:
         n = 2 if bs == 1 else bs
         hf = ng.LMAgent(model, tok, cfg, batch_size=bs, max_new_tokens=new_tokens, kv_cache=False)
         texts = hf.prompts(eps[:n], emos[:n])
@@ -81,33 +116,61 @@ def _bench_generate(cfg, perceiver, model_spec, batch, new_tokens):
         hf.generated_tokens = hf.prompt_tokens = 0
         hf.gen_seconds = 0.0
         hf.generate(texts)
-        print(f"  model.generate  batch {bs:>3}: {hf.generated_tokens / hf.gen_seconds:6.1f} new tokens/s "
-              f"end to end ({hf.prompt_tokens // n} prompt tokens each, run every turn)")
-        if not decode.supports(model):
-            continue
-        kv = ng.LMAgent(model, tok, cfg, batch_size=bs, max_new_tokens=new_tokens, kv_cache=True)
-        for ep in eps[:n]:
-            ep.private.pop("kv:focal", None)
-        kv.generate_cached(eps[:n], texts)
-        d = kv.decoder
-        print(f"  cached decoder  batch {bs:>3}: {d.decoded_tokens / d.decode_seconds:6.1f} new tokens/s decoding, "
-              f"{d.prefilled_tokens / d.prefill_seconds:6.1f} prompt tokens/s prefill, "
-              f"{kv.generated_tokens / kv.gen_seconds:6.1f} new tokens/s end to end from an empty cache")
-    n = batch
-    eps = [ng.new_episode(dom, sc, 0) for sc in make_scenarios(dom)[:n]]
+        ref = hf.generated_tokens / hf.gen_seconds
+        print(f"  model.generate  batch {bs:>3}: {ref:8.1f} new tokens/s end to end "
+              f"({hf.prompt_tokens // n} prompt tokens each, run every turn)")
+        for mode in modes:
+            kv = _cached_agent(model, tok, cfg, mode, batch_size=bs, max_new_tokens=new_tokens)
+            fresh(eps[:n])
+            kv.generate_cached(eps[:n], texts)                         # untimed: the first call captures the graphs
+            first, d = kv.gen_seconds, kv.decoder
+            captures, capture_s = d.graph_captures, d.capture_seconds
+            kv.generated_tokens = kv.prompt_tokens = kv.reused_tokens = 0
+            kv.gen_seconds = 0.0
+            for k in ("reused_tokens", "prefilled_tokens", "decoded_tokens", "decode_steps", "graph_captures"):
+                setattr(d, k, 0)
+            d.prefill_seconds = d.decode_seconds = d.capture_seconds = 0.0
+            fresh(eps[:n])
+            kv.generate_cached(eps[:n], texts)
+            e2e = kv.generated_tokens / kv.gen_seconds
+            extra = (f"; {captures} graphs captured in the first call ({capture_s:.2f}s of its {first:.2f}s), "
+                     f"{d.graph_captures} more in this one" if d.graphs else "")
+            ms = 1e3 * d.decode_seconds / max(d.decode_steps, 1)
+            print(f"  cached {_mode_name(d):<6}   batch {bs:>3}: {ms:7.2f} "
+                  f"ms/step decoding ({d.decoded_tokens / d.decode_seconds:8.1f} new tokens/s), "
+                  f"{d.prefilled_tokens / d.prefill_seconds:8.1f} prompt tokens/s prefill, {e2e:8.1f} new tokens/s "
+                  f"end to end from an empty cache = {e2e / ref:5.2f}x model.generate{extra}")
+    if "eager" in modes and "static" in modes:
+        n = max(max(sizes), 2)
+        prompts = [tok(t, add_special_tokens=False).input_ids
+                   for t in ng.LMAgent(model, tok, cfg, kv_cache=False).prompts(eps[:n], emos[:n])]
+        eos = _cached_agent(model, tok, cfg, "eager").decoder.eos.tolist()
+        a = decode.KVDecoder(model, eos, new_tokens, temperature=0, static=False).generate(prompts)[0]
+        b = decode.KVDecoder(model, eos, new_tokens, temperature=0, static=True).generate(prompts)[0]
+        diverge = [next((i for i, (x, y) in enumerate(zip(u, v)) if x != y), min(len(u), len(v)))
+                   for u, v in zip(a, b) if u != v]
+        print(f"  greedy, batch {n}: static and eager replies identical for {sum(u == v for u, v in zip(a, b))} of {n}"
+              + (f" (the others first differ at tokens {sorted(diverge)})" if diverge else ""))
     twelve = dataclasses.replace(cfg, max_turns=12)
-    agent = ng.LMAgent(model, tok, twelve, batch_size=n, max_new_tokens=new_tokens)
-    t0 = time.time()
-    ng.run_episodes(twelve, eps, agent, ng.SimCounterparty(cfg, perceiver), ng.random_emotion_policy(), perceiver)
-    dt = time.time() - t0
-    mode = "cached decoder" if agent.kv_cache else "model.generate"
-    print(f"collect[{model_spec} teacher vs sim, {mode}]: {n} episodes x up to 12 turns in {dt:.1f}s: "
-          f"{agent.generated_tokens / dt:.1f} new tokens/s end to end; prompt tokens run "
-          f"{agent.prompt_tokens}, reused from cache {agent.reused_tokens}")
-    if agent.kv_cache:
-        d = agent.decoder
-        print(f"  of which decoding {d.decode_seconds:.1f}s ({d.decoded_tokens / d.decode_seconds:.1f} new tokens/s), "
-              f"prefill {d.prefill_seconds:.1f}s ({d.prefilled_tokens / d.prefill_seconds:.1f} prompt tokens/s)")
+    dom = cfg.domains["crad"]
+    for mode in modes or [None]:
+        eps = [ng.new_episode(dom, sc, 0) for sc in make_scenarios(dom)[:batch]]
+        agent = (_cached_agent(model, tok, twelve, mode, batch_size=batch, max_new_tokens=new_tokens) if mode else
+                 ng.LMAgent(model, tok, twelve, batch_size=batch, max_new_tokens=new_tokens))
+        t0 = time.time()
+        ng.run_episodes(twelve, eps, agent, ng.SimCounterparty(cfg, perceiver), ng.random_emotion_policy(), perceiver)
+        dt = time.time() - t0
+        name = f"cached decoder, {_mode_name(agent.decoder)}" if agent.kv_cache else "model.generate"
+        print(f"collect[{model_spec} teacher vs sim, {name}]: {len(eps)} episodes x up to 12 turns in {dt:.1f}s: "
+              f"{agent.generated_tokens / dt:.1f} new tokens/s end to end; prompt tokens run "
+              f"{agent.prompt_tokens}, reused from cache {agent.reused_tokens}")
+        if agent.kv_cache:
+            d = agent.decoder
+            ms = 1e3 * d.decode_seconds / max(d.decode_steps, 1)
+            print(f"  of which decoding {d.decode_seconds:.1f}s ({d.decoded_tokens / d.decode_seconds:.1f} new "
+                  f"tokens/s, {ms:.2f} ms/step), prefill {d.prefill_seconds:.1f}s "
+                  f"({d.prefilled_tokens / d.prefill_seconds:.1f} prompt tokens/s)"
+                  + (f", {d.graph_captures} graphs captured in {d.capture_seconds:.1f}s" if d.graphs else ""))
 
 
 def _bench_train(model_spec, train_batch, train_len, reps):
@@ -220,7 +283,11 @@ def add_command(command):
     command("bench", bench, "throughput numbers for this machine", [],
             ("--domains-file", dict(help="domain and emotion definitions")),
             ("--what", dict(help="any of collect,iql,generate,sft,jpo")), ("--sim-seeds", dict(type=int)),
-            ("--model", dict()), ("--batch", dict(type=int)), ("--new-tokens", dict(type=int)),
+            ("--model", dict()), ("--batch", dict(type=int, help="the LM batch of the 12-turn collection (generate)")),
+            ("--batches", dict(help="generate: comma-separated batch sizes to time (default 1 and --batch)")),
+            ("--decoders", dict(help="generate: cached decoder modes to time, of eager,static (static runs in "
+                                     "CUDA graphs on a GPU)")),
+            ("--new-tokens", dict(type=int)),
             ("--train-batch", dict(type=int, help="sequences per training step (sft, jpo)")),
             ("--train-len", dict(type=int, help="tokens per training sequence (sft, jpo)")),
             ("--reps", dict(type=int, help="timed training steps (median reported)")))

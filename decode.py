@@ -17,21 +17,41 @@ Layout of one batched call (B sequences, P_b cached tokens, S_b new prompt token
              <------- maxP --------><------- maxS ------><-- max_new -->
 
 Pads are masked out, positions are explicit (P_b + i), so rows of different lengths share
-one preallocated cache tensor per layer and the newest token of every row is the last column.
+one preallocated cache tensor and the newest token of every row is the last column.
 Rows are ordered by their count of new tokens and the prompt is run in chunks of rows of
 similar length (each chunk only as wide as its longest row), so a batch with a few long new
 prompts does not pad every other row to their length.
 Once half the rows of a call have produced their end token, those rows are handed back and
 dropped from the batch, so a call does not keep paying for replies that have already ended.
+
+The static decoding step (`static=True`, or EMODISTILL_STATIC_DECODE=1; off by default until a
+device check has run it on a GPU): on a GPU the step above is launch-bound (about 2 ms a
+layer whatever the batch on an H100, docs/notebook.md entry 22), because every step has new
+shapes and hundreds of small kernels launched from Python. The static step keeps every shape
+fixed so that it can be captured once in a CUDA graph and replayed: the keys/values live in one preallocated buffer per decoder, [layers, 2, rows,
+kv_heads, columns, head_dim], reused from call to call (grown when a call needs more); the
+step reads its token, position and column from fixed input tensors and writes the new keys
+and values into that column with `index_copy_`; it attends to a fixed width (the columns so
+far, rounded up to STATIC_BLOCK; masked columns weigh exactly 0) over a fixed count of rows
+(`row_bucket`: the live rows rounded up, the extra rows computed and ignored). One graph is
+captured for each (rows, width) met, after a warm-up on a side stream, and kept while the
+buffers and the model's weights stay where they are. Sampling and the end-of-reply
+bookkeeping stay outside the graph. On a CPU the same static step runs without a graph
+(`static=True` there is how tests/test_decode.py checks it against the step above); the
+default on a CPU stays the step above, which reads only the columns so far.
 """
 from __future__ import annotations
 
+import os
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+STATIC_BLOCK = 128       # a static decoding step attends to a multiple of this many columns
+STATIC_GROW = 512        # the static buffers' columns grow in multiples of this
 
 
 def supports(model):
@@ -76,6 +96,24 @@ def prefill_chunks(lengths, overhead=64):
     return out[::-1]
 
 
+def row_bucket(n):
+    """Rows a static decoding step runs for n live rows: 1, 2, 4, 8, then the next of 12, 16,
+    24, 32, 48, 64, 96, 128, ...: at most n / 2 + 1 padding rows, and few distinct graphs."""
+    if n <= 8:
+        return 1 << max(n - 1, 0).bit_length()
+    p = 1 << (n - 1).bit_length()
+    return p * 3 // 4 if n <= p * 3 // 4 else p
+
+
+def _round_up(n, k):
+    return -(-n // k) * k
+
+
+def _sync(dev):
+    if dev.type == "cuda":          # CUDA runs asynchronously: time what the GPU did, not the launches
+        torch.cuda.synchronize(dev)
+
+
 def common_prefix(a, b):
     n = min(len(a), len(b))
     i = 0
@@ -86,9 +124,16 @@ def common_prefix(a, b):
 
 class KVDecoder:
     """Sampling (temperature -> top-k -> top-p, as `generate` does) or greedy decoding for a
-    Llama-family model, reusing each sequence's cache from its previous call."""
+    Llama-family model, reusing each sequence's cache from its previous call.
 
-    def __init__(self, model, eos_ids, max_new_tokens=48, temperature=0.7, top_p=0.9, top_k=50):
+    static: the static decoding step (module docstring): None = off unless
+    EMODISTILL_STATIC_DECODE=1 (it has not run on a GPU yet: until a device check has shown it
+    exact and faster there, the eager step stays the default everywhere), True, False. graphs: capture that step in CUDA
+    graphs; None = wherever it is static and on CUDA. The device is read here, so build the
+    decoder after moving the model."""
+
+    def __init__(self, model, eos_ids, max_new_tokens=48, temperature=0.7, top_p=0.9, top_k=50, static=None,
+                 graphs=None):
         self.model, self.eos = model, torch.tensor(sorted(set(eos_ids)))
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         c = model.config
@@ -97,14 +142,26 @@ class KVDecoder:
         self.n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.prefill_overhead = 64      # one extra prefill pass, in tokens (prefill_chunks)
-        # running totals, read by the benchmark: tokens and seconds of prefill and of decoding
-        self.reused_tokens = self.prefilled_tokens = self.decoded_tokens = 0
+        cuda = next(model.parameters()).device.type == "cuda"
+        if static is None:
+            env = os.environ.get("EMODISTILL_STATIC_DECODE", "")
+            static = env == "1"
+        graphs = static and cuda if graphs is None else graphs
+        if graphs and not (static and cuda):
+            raise ValueError("CUDA graphs need static=True and the model on a CUDA device")
+        self.static, self.graphs = bool(static), bool(graphs)
+        self._buf = None                # the static buffers (_static_buffers)
+        self._graphs, self._pool, self._sig = {}, None, None
+        # running totals, read by the benchmark: tokens and seconds of prefill and of decoding,
+        # decoding steps (forward passes of one token a row), CUDA graphs captured and their seconds
+        self.reused_tokens = self.prefilled_tokens = self.decoded_tokens = self.decode_steps = 0
         self.prefill_seconds = self.decode_seconds = 0.0
+        self.graph_captures, self.capture_seconds = 0, 0.0
 
     # -- the forward pass ---------------------------------------------------------------
     def _forward(self, ids, pos, K, V, valid, c0):
         """Run tokens `ids` (B,S) at positions `pos` (B,S), writing their keys/values into
-        columns [c0, c0+S) of K/V (lists over layers of B,kv,T,hd). Returns last-position logits."""
+        columns [c0, c0+S) of K/V (per layer: B,kv,T,hd). Returns last-position logits."""
         m = self.model.model
         B, S = ids.shape
         c1 = c0 + S
@@ -123,19 +180,110 @@ class KVDecoder:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             K[li][:, :, c0:c1] = k
             V[li][:, :, c0:c1] = v
-            if S == 1 and self.n_kv != self.n_heads:
-                # one new token: the query heads that share a key/value head become that head's
-                # query rows, so keys/values are read once per group instead of once per head
-                g = self.n_heads // self.n_kv
-                o = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g, self.head_dim), K[li][:, :, :c1],
-                                                   V[li][:, :, :c1], attn_mask=mask, scale=attn.scaling)  # B,kv,g,hd
-                o = o.reshape(B, self.n_heads, 1, self.head_dim)                                         # B,H,1,hd
+            if S == 1:
+                o = self._attend_one(q, K[li][:, :, :c1], V[li][:, :, :c1], mask, attn.scaling)
             else:
                 o = F.scaled_dot_product_attention(q, K[li][:, :, :c1], V[li][:, :, :c1], attn_mask=mask,
                                                    scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(m.norm(h[:, -1]))                       # B,V
+
+    def _attend_one(self, q, K, V, mask, scale):
+        """Attention of one new token a row: q B,H,1,hd over K/V B,kv,T,hd, mask B,1,1,T."""
+        if self.n_kv == self.n_heads:
+            return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=scale)
+        # the query heads that share a key/value head become that head's query rows, so
+        # keys/values are read once per group instead of once per head
+        B, g = q.shape[0], self.n_heads // self.n_kv
+        o = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g, self.head_dim), K, V, attn_mask=mask,
+                                           scale=scale)                                      # B,kv,g,hd
+        return o.reshape(B, self.n_heads, 1, self.head_dim)                                  # B,H,1,hd
+
+    # -- the static decoding step ---------------------------------------------------------
+    def _static_buffers(self, B, T, dev, dt):
+        """The buffers of the static step, at least B rows (bucketed) and T columns, valid
+        cleared. Reallocated (and every graph dropped) only to grow; graphs are also dropped
+        when the model's tensors moved, its mode changed, or a LoRA layer was merged or unmerged
+        (a graph replays the kernels and addresses it was captured with)."""
+        model = self.model
+        sig = (model.training, tuple(t.data_ptr() for t in model.parameters()),
+               tuple(t.data_ptr() for t in model.buffers()),
+               tuple(getattr(mod, "merged", None) for mod in model.modules() if hasattr(mod, "lora_A")))
+        if sig != self._sig:
+            self._drop_graphs()
+            self._sig = sig
+        buf = self._buf
+        if buf is None or buf.kv.shape[2] < B or buf.kv.shape[4] < T or buf.kv.device != dev or buf.kv.dtype != dt:
+            rows, cols = row_bucket(B), _round_up(T, STATIC_GROW)
+            if buf is not None and buf.kv.device == dev and buf.kv.dtype == dt:
+                rows, cols = max(rows, buf.kv.shape[2]), max(cols, buf.kv.shape[4])
+            self._drop_graphs()
+            self._buf = buf = None                                          # free the old buffers first
+            self._buf = buf = SimpleNamespace(
+                kv=torch.zeros(self.n_layers, 2, rows, self.n_kv, cols, self.head_dim, device=dev, dtype=dt),
+                valid=torch.zeros(rows, cols, dtype=torch.bool, device=dev),
+                tok=torch.zeros(rows, dtype=torch.long, device=dev),        # the step's inputs
+                pos=torch.zeros(rows, dtype=torch.long, device=dev),
+                col=torch.zeros(1, dtype=torch.long, device=dev))
+        buf.valid.zero_()
+        return buf
+
+    def _drop_graphs(self):
+        self._graphs.clear()
+        self._pool = None
+
+    def _step(self, b, w):
+        """One decoding step of rows [0, b) of the static buffers: token buf.tok, position
+        buf.pos, its keys/values written into column buf.col, attention over columns [0, w).
+        Every shape is fixed by (b, w) and nothing waits for the host: capturable."""
+        m, buf = self.model.model, self._buf
+        ids, pos, valid = buf.tok[:b, None], buf.pos[:b, None], buf.valid[:b]            # B,1 ; B,1 ; B,T
+        valid.index_fill_(1, buf.col, True)
+        h = m.embed_tokens(ids)                                                          # B,1,D
+        # the mask as SDPA would turn a boolean one into (0 or -inf), once for all layers
+        mask = torch.zeros((b, 1, 1, w), dtype=h.dtype, device=h.device).masked_fill_(
+            ~valid[:, None, None, :w], float("-inf"))                                    # B,1,1,w
+        cos, sin = m.rotary_emb(h, pos)
+        for li, layer in enumerate(m.layers):
+            attn = layer.self_attn
+            r = layer.input_layernorm(h)
+            q = attn.q_proj(r).view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)   # B,H,1,hd
+            k = attn.k_proj(r).view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)      # B,kv,1,hd
+            v = attn.v_proj(r).view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            K, V = buf.kv[li, 0, :b], buf.kv[li, 1, :b]                                  # B,kv,T,hd
+            K.index_copy_(2, buf.col, k)
+            V.index_copy_(2, buf.col, v)
+            o = self._attend_one(q, K[:, :, :w], V[:, :, :w], mask, attn.scaling)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(m.norm(h[:, -1]))                                     # B,V
+
+    def _run_step(self, b, w):
+        """The static step, replayed from its CUDA graph (captured on first use) or run as is."""
+        if not self.graphs or self.model.training:
+            return self._step(b, w)
+        g = self._graphs.get((b, w))
+        if g is None:
+            t0 = time.perf_counter()
+            dev = self._buf.kv.device
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):       # warm-up: lazy initialisation happens outside the capture;
+                for _ in range(2):              # it runs this very step, so writing its keys again is harmless
+                    self._step(b, w)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()      # one memory pool for all of them
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._step(b, w)
+            g = self._graphs[(b, w)] = (graph, logits)
+            self.graph_captures += 1
+            self.capture_seconds += time.perf_counter() - t0
+        g[0].replay()
+        return g[1]
 
     # -- sampling -----------------------------------------------------------------------
     def _sample(self, logits, gen):
@@ -165,79 +313,109 @@ class KVDecoder:
         # rows ordered by their count of new tokens, so that prefill can run in chunks of
         # similar length (prefill_chunks); `rows` maps each row back to its prompt
         order = sorted(range(B), key=lambda b: (len(prompts[b]) - reuse[b], b))
-        prompts_in, caches_in, reuse_in = prompts, caches, reuse
-        prompts, caches, reuse = [prompts_in[b] for b in order], [caches_in[b] for b in order], [reuse_in[b] for b in order]
+        prompts_in, reuse_in = prompts, reuse
+        prompts, caches, reuse = [prompts_in[b] for b in order], [caches[b] for b in order], [reuse[b] for b in order]
         new = [len(ids) - n for ids, n in zip(prompts, reuse)]
         maxP, maxS = max(reuse), max(new)
         T = maxP + maxS + self.max_new_tokens
-        K = [torch.zeros(B, self.n_kv, T, self.head_dim, device=dev, dtype=dt) for _ in range(self.n_layers)]
-        V = [torch.zeros_like(K[0]) for _ in range(self.n_layers)]
-        valid = torch.zeros(B, T, dtype=torch.bool, device=dev)
-        ids = torch.zeros(B, maxS, dtype=torch.long, device=dev)
-        pos = torch.zeros(B, maxS, dtype=torch.long, device=dev)
+        # keys/values of every layer in one tensor: [layers, 2, rows, kv_heads, columns, head_dim]
+        if self.static:
+            buf = self._static_buffers(B, T, dev, dt)
+            kv, valid = buf.kv, buf.valid                  # more rows and columns than this call uses
+        else:
+            kv = torch.zeros(self.n_layers, 2, B, self.n_kv, T, self.head_dim, device=dev, dtype=dt)
+        ids = torch.zeros(B, maxS, dtype=torch.long)       # built on the host, moved once
+        pos = torch.zeros(B, maxS, dtype=torch.long)
+        valid_h = torch.zeros(B, T, dtype=torch.bool)
         for b, (p, n, s, c) in enumerate(zip(prompts, reuse, new, caches)):
             if n:
-                kv = c.kv[:, :, :, :n].to(dev, dt)                          # L,2,kv,n,hd
-                for li in range(self.n_layers):
-                    K[li][b, :, maxP - n:maxP] = kv[li, 0]
-                    V[li][b, :, maxP - n:maxP] = kv[li, 1]
-                valid[b, maxP - n:maxP] = True
-            ids[b, maxS - s:] = torch.tensor(p[n:], device=dev)
-            pos[b, maxS - s:] = torch.arange(n, n + s, device=dev)
-            valid[b, maxP + maxS - s:maxP + maxS] = True
+                kv[:, :, b, :, maxP - n:maxP] = c.kv[:, :, :, :n].to(dev, dt)   # L,2,kv,n,hd
+                valid_h[b, maxP - n:maxP] = True
+            ids[b, maxS - s:] = torch.tensor(p[n:])
+            pos[b, maxS - s:] = torch.arange(n, n + s)
+            valid_h[b, maxP + maxS - s:maxP + maxS] = True
+        ids, pos = ids.to(dev), pos.to(dev)
+        if self.static:
+            valid[:B, :T] = valid_h.to(dev)
+        else:
+            valid = valid_h.to(dev)
         self.reused_tokens += sum(reuse)
         self.prefilled_tokens += sum(new)
+        _sync(dev)
         t0 = time.perf_counter()
         logits = []
         for a, b in prefill_chunks(new, self.prefill_overhead):                 # each chunk: its rows, its longest row's columns
             S = new[b - 1]
-            logits.append(self._forward(ids[a:b, maxS - S:], pos[a:b, maxS - S:], [k[a:b] for k in K],
-                                        [v[a:b] for v in V], valid[a:b], maxP + maxS - S))
+            logits.append(self._forward(ids[a:b, maxS - S:], pos[a:b, maxS - S:], kv[:, 0, a:b],
+                                        kv[:, 1, a:b], valid[a:b], maxP + maxS - S))
         logits = torch.cat(logits)                                         # B,V
+        _sync(dev)
         t1 = time.perf_counter()
         next_pos = torch.tensor([n + s for n, s in zip(reuse, new)], device=dev)
         eos = self.eos.to(dev)
         out = torch.zeros(B, self.max_new_tokens, dtype=torch.long, device=dev)
         lengths = torch.full((B,), self.max_new_tokens, dtype=torch.long, device=dev)
-        rows = torch.tensor(order, device=dev)       # which prompt each row of K/V/valid/logits is
+        rows = torch.tensor(order, device=dev)       # which prompt each row of kv/valid/logits is
+        rows_h = list(order)                         # the same, on the host
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         new_tokens, new_caches = [None] * B, [None] * B
 
-        def hand_back(local, b, stored):
-            """Row `local` (prompt b) is finished: its tokens and its cache (the valid columns
-            before `stored`, in order: prompt + generated tokens that have keys/values)."""
-            gen = out[b, :int(lengths[b])].tolist()
-            cols = valid[local, :stored].nonzero().squeeze(-1)
-            seq = prompts_in[b] + gen
-            keep = cols[:len(seq)]
-            kv = torch.stack([torch.stack((K[li][local][:, keep], V[li][local][:, keep]))
-                              for li in range(self.n_layers)])             # L,2,kv,n,hd
-            new_tokens[b] = gen
-            new_caches[b] = KVCache(seq[:kv.shape[3]], kv)
+        def hand_back(locals_, stored):
+            """Rows `locals_` are finished: their tokens and caches. A row's keys/values are in
+            two runs of columns, its cached tokens [maxP - n, maxP) and its new prompt tokens
+            followed by the generated ones that have keys/values, from maxP + maxS - s up to
+            `stored`; the cache keeps them up to the length of prompt + generated tokens."""
+            lens, toks = lengths.tolist(), out.tolist()
+            for local in locals_:
+                b = rows_h[local]
+                gen = toks[b][:lens[b]]
+                n = reuse_in[b]
+                s = len(prompts_in[b]) - n
+                g = min(len(gen), stored - maxP - maxS)
+                x = kv[:, :, local]                                        # L,2,kv,T,hd
+                cached, run = x[:, :, :, maxP - n:maxP], x[:, :, :, maxP + maxS - s:maxP + maxS + g]
+                new_tokens[b] = gen
+                new_caches[b] = KVCache((prompts_in[b] + gen)[:n + s + g], torch.cat((cached, run), 3))
 
+        n_done = 0                                   # rows of the batch that have ended
+        b_static = row_bucket(B)                     # rows the static step runs
         for t in range(self.max_new_tokens):
             tok = self._sample(logits, generator)                          # rows
             out[rows, t] = tok
             hit = torch.isin(tok, eos) & ~done
-            self.decoded_tokens += int((~done).sum())  # tokens of rows still generating
-            lengths[rows[hit]] = t + 1
+            lengths[rows] = torch.where(hit, t + 1, lengths[rows])
             done |= hit
+            self.decoded_tokens += len(rows_h) - n_done   # tokens of rows still generating
+            n_done = int(done.sum())                 # the step's one wait for the device
             stored = maxP + maxS + t                 # columns with keys/values so far
-            if bool(done.all()) or t + 1 == self.max_new_tokens:
+            if n_done == len(rows_h) or t + 1 == self.max_new_tokens:
                 break
-            if int(done.sum()) * 2 >= len(rows):     # most rows finished: hand them back, drop them
-                for local in done.nonzero().squeeze(-1).tolist():
-                    hand_back(local, int(rows[local]), stored)
+            if n_done * 2 >= len(rows_h):            # most rows finished: hand them back, drop them
+                hand_back(done.nonzero().squeeze(-1).tolist(), stored)
                 keep = (~done).nonzero().squeeze(-1)
-                K, V = [k[keep] for k in K], [v[keep] for v in V]
-                valid, rows, next_pos, tok = valid[keep], rows[keep], next_pos[keep], tok[keep]
-                done = done[keep]
+                if self.static:                      # the live rows move to the front of the buffers
+                    kv[:, :, :len(keep), :, :T] = kv[:, :, keep, :, :T]
+                    valid[:len(keep), :T] = valid[keep, :T]
+                    b_static = row_bucket(len(keep))
+                else:
+                    kv, valid = kv[:, :, keep], valid[keep]
+                rows_h = [rows_h[i] for i in keep.tolist()]
+                rows, next_pos, tok, done = rows[keep], next_pos[keep], tok[keep], done[keep]
+                n_done = 0
             c = maxP + maxS + t
-            valid[:, c] = True
-            logits = self._forward(tok[:, None], next_pos[:, None], K, V, valid, c)
+            if self.static:
+                n = len(rows_h)
+                buf.tok[:n] = tok
+                buf.pos[:n] = next_pos
+                buf.col.fill_(c)
+                logits = self._run_step(b_static, min(_round_up(c + 1, STATIC_BLOCK), kv.shape[4]))[:n]
+            else:
+                valid[:, c] = True
+                logits = self._forward(tok[:, None], next_pos[:, None], kv[:, 0], kv[:, 1], valid, c)
+            self.decode_steps += 1
             next_pos += 1
+        _sync(dev)
         self.prefill_seconds += t1 - t0
         self.decode_seconds += time.perf_counter() - t1
-        for local, b in enumerate(rows.tolist()):
-            hand_back(local, b, stored)
+        hand_back(range(len(rows_h)), stored)
         return new_tokens, new_caches

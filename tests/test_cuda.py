@@ -1,7 +1,9 @@
 """The GPU path (skipped without CUDA; run by .ci/gpu on a lent GPU machine): the automatic
 device and dtype choice, and the hand-written pieces on CUDA in bf16 checked against the same
 model in float32 on the CPU: response log-probabilities, the cached decoder, an SFT run and a
-JPO step."""
+JPO step; and the cached decoder's static step replayed from CUDA graphs (EMODISTILL_STATIC_DECODE=1)
+against its eager step (static=False): the same greedy tokens and caches in float32, sampling
+from the same seed, bf16, an unmerged LoRA adapter, and merging it after the graphs exist."""
 import copy
 import dataclasses
 import os
@@ -105,9 +107,10 @@ def test_cuda_decoder_matches_hf_forward_and_generate(pair):
         assert toks == ref
 
 
-def test_cuda_lm_agent_plays_episodes(cfg, pair):
+def test_cuda_lm_agent_plays_episodes(cfg, pair, monkeypatch):
     _, gpu, tok = pair
     lora.merge(gpu)
+    monkeypatch.delenv("EMODISTILL_STATIC_DECODE", raising=False)
     short = dataclasses.replace(cfg, max_turns=6)
     dom = cfg.domains["crad"]
     eps = [ng.new_episode(dom, sc, 0) for sc in domains.make_scenarios(dom)[:4]]
@@ -115,6 +118,100 @@ def test_cuda_lm_agent_plays_episodes(cfg, pair):
     ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), ng.random_emotion_policy())
     assert all(ep.done for ep in eps) and agent.generated_tokens > 0
     assert agent.kv_cache and agent.reused_tokens > 0
+    # the default decoder is the eager one; EMODISTILL_STATIC_DECODE=1 replays CUDA graphs there
+    assert not agent.decoder.static and not agent.decoder.graphs
+    monkeypatch.setenv("EMODISTILL_STATIC_DECODE", "1")
+    eps = [ng.new_episode(dom, sc, 0) for sc in domains.make_scenarios(dom)[:4]]
+    agent = ng.LMAgent(gpu, tok, short, max_new_tokens=8, batch_size=4)
+    ng.run_episodes(short, eps, agent, ng.SimCounterparty(cfg), ng.random_emotion_policy())
+    assert all(ep.done for ep in eps) and agent.decoder.static and agent.decoder.graphs == (DEV == "cuda")
+    if DEV == "cuda":
+        assert agent.decoder.graph_captures > 0 and agent.decoder.decode_steps > 0
+
+
+# -- the static decoding step in CUDA graphs (decode.py) against the eager step -------------
+
+def _recording(dec):
+    seen, sample = [], dec._sample
+
+    def record(logits, gen):
+        seen.append(logits.float().cpu())
+        return sample(logits, gen)
+    dec._sample = record
+    return seen
+
+
+def _decoders(model, ends, **kw):
+    """The eager decoder and the static one, with graphs where CUDA is (EMODISTILL_TEST_DEVICE=cpu:
+    without), each recording the logits it samples from."""
+    eager = decode.KVDecoder(model, ends, static=False, **kw)
+    static = decode.KVDecoder(model, ends, static=True, graphs=DEV == "cuda", **kw)
+    return eager, static, _recording(eager), _recording(static)
+
+
+def test_cuda_graph_decoder_matches_the_eager_step_float32(pair):
+    """float32 on the GPU, LoRA unmerged: the CUDA-graph decoder gives the eager decoder's
+    greedy tokens and caches, and its logits within float32 rounding, over two turns (the second
+    reusing the caches) with rows that end early; a repeated call replays the graphs it has."""
+    cpu, _, tok = pair
+    f32 = copy.deepcopy(cpu).to(DEV)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (4, 9, 15, 6, 11, 3, 20, 7, 5)]
+    alone = decode.KVDecoder(f32, [tok.eos_token_id], max_new_tokens=10, temperature=0, static=False)
+    full, _ = alone.generate(prompts)
+    ends = sorted({full[0][1], full[1][2], full[2][0], full[3][4], full[4][1]})       # most rows stop early
+    eager, static, seen_e, seen_s = _decoders(f32, ends, max_new_tokens=10, temperature=0)
+    te, ce = eager.generate(prompts)
+    ts, cs = static.generate(prompts)
+    assert ts == te and sum(len(t) < 10 for t in ts) >= 5
+    second = [p + t + [5, 6, 7] for p, t in zip(prompts, ts)]
+    te2, ce2 = eager.generate(second, ce)
+    ts2, cs2 = static.generate(second, cs)
+    assert ts2 == te2
+    for a, b in zip(cs + cs2, ce + ce2):
+        assert a.ids == b.ids
+        torch.testing.assert_close(a.kv, b.kv, atol=1e-4, rtol=1e-4)
+    assert len(seen_s) == len(seen_e)
+    for a, b in zip(seen_s, seen_e):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    if DEV == "cuda":
+        captured = static.graph_captures
+        assert captured > 0
+        assert static.generate(second, cs)[0] == ts2 and static.graph_captures == captured   # replayed, not recaptured
+
+
+def test_cuda_graph_decoder_samples_like_the_eager_step(pair):
+    """Sampling from the same CUDA generator seed: the same tokens, float32."""
+    cpu, _, tok = pair
+    f32 = copy.deepcopy(cpu).to(DEV)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (6, 13, 2, 9, 30)]
+    eager, static, _, _ = _decoders(f32, [tok.eos_token_id], max_new_tokens=16, temperature=0.9, top_p=0.9)
+    te, _ = eager.generate(prompts, generator=torch.Generator(device=DEV).manual_seed(7))
+    ts, _ = static.generate(prompts, generator=torch.Generator(device=DEV).manual_seed(7))
+    assert ts == te
+
+
+def test_cuda_graph_decoder_bf16_and_lora_merge(pair):
+    """bf16 with an unmerged LoRA adapter: the graphs replay exactly what the static step
+    computes without them (same tokens), the first decoding step's logits are the eager
+    step's within bf16 rounding, and merging the adapter afterwards drops the captured graphs
+    (captured with the adapter's own path) instead of replaying them."""
+    _, gpu, tok = pair
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (5, 17, 11, 8)]
+    eager, static, seen_e, seen_s = _decoders(gpu, [tok.eos_token_id], max_new_tokens=12, temperature=0)
+    plain = decode.KVDecoder(gpu, [tok.eos_token_id], max_new_tokens=12, temperature=0, static=True, graphs=False)
+    ts, _ = static.generate(prompts)
+    assert ts == plain.generate(prompts)[0]
+    eager.generate(prompts)
+    assert _rel(seen_s[1], seen_e[1]) < 2e-2
+    lora.merge(gpu)
+    captured = static.graph_captures
+    merged = decode.KVDecoder(gpu, [tok.eos_token_id], max_new_tokens=12, temperature=0, static=True, graphs=False)
+    assert static.generate(prompts)[0] == merged.generate(prompts)[0]
+    if DEV == "cuda":
+        assert static.graph_captures > captured
 
 
 def test_cuda_sft_lowers_the_loss_and_keeps_the_base(tiny_lm):
