@@ -111,10 +111,12 @@ jpo() {
 # the ablation: sft and jpo without the emotion block in the prompt (the turns ranked with the
 # same IQL; about the cost of sft and jpo) -> $RUN/sft-emotion-free/, $RUN/jpo-emotion-free/
 sft_emotion_free() {
+  member sft-emotion-free "$METHODS" || member jpo-emotion-free "$METHODS" || return 0   # (no row needs it)
   stage sft-emotion-free $PY emodistill.py sft --out "$RUN" --offers "$OFFERS" --emotion-free --max-examples "$SFT_MAX" \
     --epochs "$SFT_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
 }
 jpo_emotion_free() {
+  member jpo-emotion-free "$METHODS" || return 0
   stage jpo-emotion-free $PY emodistill.py jpo --out "$RUN" --offers "$OFFERS" --jpo-mode "$JPO_MODE" --emotion-free --states-per-domain "$JPO_SCEN" \
     --group-size "$JPO_GROUP" --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
 }

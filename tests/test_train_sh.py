@@ -58,6 +58,13 @@ def test_two_lanes_make_every_method_and_a_rerun_skips(tmp_path, tiny_student):
     for m in ("iql+sft", "emodistill", "jpo-emotion-free", "iql", "vanilla"):
         assert f"[eval] {m}: cached in" in log, m
     assert "is complete; skipping" in log                 # the adapters are not retrained
+    assert "[train.sh] sft-emotion-free done in " in again.stdout
+
+    # without an emotion-free row in METHODS its adapters are not made (nor checked)
+    fewer = _train(run, tiny_student, METHODS="teacher-random,emodistill")
+    assert fewer.returncode == 0, fewer.stderr[-3000:]
+    assert "[train.sh] sft done in " in fewer.stdout and "[train.sh] jpo done in " in fewer.stdout
+    assert "emotion-free" not in fewer.stdout
 
     # the transfer study with the student's adapters, on the finished run
     study = _train(run, tiny_student, STUDIES="transfer", TRANSFER_LM="1")
