@@ -443,6 +443,8 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
     if write_report:                  # (not with --no-report, nor for a study reusing the main eval)
         report.write_results(out, eval_dir, results, names, doms, best, seeds, seed, split,
                              [m for m in names if uses_selector(m)])
+        import viewer
+        print(f"[eval] transcripts and figures: {viewer.write_page(out, eval_dir, domains_file, side)}")
     return results
 
 
@@ -507,8 +509,10 @@ def build_parser():
     """One subcommand per stage; flags map one to one onto the stage function's parameters
     (dest = parameter name), and a flag left out takes the function's default."""
     import bench
+    import chat
     import probe
     import studies
+    import viewer
     p = argparse.ArgumentParser(prog="emodistill.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     f = shared_flags()
@@ -564,6 +568,8 @@ def build_parser():
     studies.add_commands(command, _positive)
     bench.add_command(command)
     probe.add_command(command)
+    chat.add_command(command)
+    viewer.add_command(command)
     return p
 
 
