@@ -38,7 +38,7 @@ records and the live episodes share that layout).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -173,9 +173,13 @@ def turn_rewards(rec, cfg: IQLConfig, centre):
         if "score" not in t:
             raise ValueError(f"trajectory {rec.get('key')}: turn {i} has no judge score (run judge first)")
         part = judge_part(t)
+        # BEGIN A1 turn_rewards
+        # hint: r = part - centre (0.0 when part is None); the last row (j == len(idx) - 1) adds
+        # cfg.outcome_weight * out["utility"] on success, else -cfg.fail_penalty
         r = part - centre if part is not None else 0.0
         if j == len(idx) - 1:
             r += cfg.outcome_weight * out["utility"] if out["success"] else -cfg.fail_penalty
+        # END A1
         rewards.append(r)
     return rewards
 
@@ -226,8 +230,12 @@ def transitions(records, domains, cfg: IQLConfig, max_turns=30):
         rewards = turn_rewards(rec, cfg, centre)
         returns[ri] = discounted_return(rewards, cfg.gamma)
         for j, (i, r) in enumerate(zip(idx, rewards)):
+            # BEGIN A1 transitions
+            # hint: `last` (row j is the trajectory's last row: its done flag) and `nxt` (the turns
+            # before the next row's focal turn idx[j + 1]; all the turns for the last row)
             last = j == len(idx) - 1
             nxt = turns[:idx[j + 1]] if not last else turns
+            # END A1
             S.append(features(turns[:i], rec["s0"], rec["b0"], rec["domain"], domains, max_turns))
             A.append(EMOTIONS.index(turns[i]["emotion"]))
             R.append(r)
@@ -248,19 +256,28 @@ def transitions(records, domains, cfg: IQLConfig, max_turns=30):
 
 def expectile_loss(diff, expectile):
     """Asymmetric squared loss |tau - 1(diff < 0)| * diff^2, averaged; diff = target - prediction."""
+    # BEGIN A1 expectile_loss
+    # hint: weight tau where diff >= 0 and 1 - tau where diff < 0, times diff^2, mean over the batch
     w = torch.where(diff < 0, 1.0 - expectile, expectile)
     return (w * diff.pow(2)).mean()
+    # END A1
 
 
 def q_target(r, v_next, done, gamma):
     """In-sample Bellman target r + gamma (1 - done) V(s'): V, never a max over actions."""
+    # BEGIN A1 q_target
+    # hint: r + gamma * (1 - done) * V(s'), elementwise
     return r + gamma * (1.0 - done) * v_next
+    # END A1
 
 
 def awr_weights(adv, beta, clip):
     """exp(beta * advantage), clipped from above at `clip`. Returns (weights, clipped mask)."""
+    # BEGIN A1 awr_weights
+    # hint: w = exp(beta * adv); return (w capped from above at clip, bool mask of the entries above clip)
     w = torch.exp(beta * adv)
     return w.clamp(max=clip), w > clip
+    # END A1
 
 
 def masked_logits(logits, seen):
@@ -316,6 +333,9 @@ def train(data, cfg: IQLConfig, model=None, targets=None, opt=None, start=0, log
         g.manual_seed(cfg.seed * 1_000_003 + step)  # minibatch depends on the step only: exact resume
         i = torch.randint(0, n, (min(cfg.batch_size, n),), generator=g)
         s, s2, a, r, d = s_all[i], s2_all[i], data["a"][i], data["r"][i], data["d"][i]
+        # BEGIN A1 iql_step
+        # hint: define qt, v, v_loss, y, q_loss, adv, w, clipped, logp, pi_loss (assignments/A1-iql.md);
+        # qt and V(s') carry no gradient, adv uses V detached
         with torch.no_grad():
             qt = torch.min(targets[0](s), targets[1](s)).gather(1, a[:, None]).squeeze(1)   # B
             v_next = model.v(s2).squeeze(1)                                                # B
@@ -328,6 +348,7 @@ def train(data, cfg: IQLConfig, model=None, targets=None, opt=None, start=0, log
         w, clipped = awr_weights(adv, cfg.beta, cfg.clip_weight)
         logp = F.log_softmax(masked_logits(model.pi(s), model.seen), dim=-1)
         pi_loss = -(w * logp.gather(1, a[:, None]).squeeze(1)).mean()
+        # END A1
         opt.zero_grad(set_to_none=True)
         (v_loss + q_loss + pi_loss).backward()
         opt.step()
@@ -373,6 +394,8 @@ def load(path, domains=None, cfg: IQLConfig | None = None):
                                  f"({len(feature_names(domains))} features). Retrain or use the same domains.")
     if spec["emotions"] != EMOTIONS:
         raise CheckpointMismatch(f"{path}: emotion list differs from this code's")
+    known = {f.name for f in fields(IQLConfig)}      # (a knob removed since, e.g. policy_dropout, is dropped)
+    ck["config"] = {k: v for k, v in ck["config"].items() if k in known}
     model = IQL(ck["n_features"], hidden=ck["config"]["hidden"])
     model.load_state_dict(ck["model"])
     targets = nn.ModuleList([mlp(ck["n_features"], len(EMOTIONS), ck["config"]["hidden"]) for _ in range(2)])

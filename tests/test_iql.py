@@ -234,3 +234,20 @@ def test_return_correlations_by_hand():
     assert iql.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1])
     assert np.isnan(iql.pearson([1, 1], [1, 2])) and np.isnan(iql.pearson([1], [2]))
 
+
+
+def test_load_ignores_a_config_knob_removed_since(tmp_path):
+    """A checkpoint saved with a config key this code no longer has (policy_dropout left
+    IQLConfig after runs were made with it) still loads, and its known knobs are kept."""
+    cfg = iql.IQLConfig(hidden=8, steps=3)
+    doms = ["crad"]
+    model = iql.IQL(len(iql.feature_names(doms)), hidden=8)
+    targets = torch.nn.ModuleList([iql.mlp(len(iql.feature_names(doms)), len(iql.EMOTIONS), 8) for _ in range(2)])
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    path = str(tmp_path / "iql.pt")
+    iql.save(path, model, targets, opt, 3, cfg, doms, 30)
+    ck = torch.load(path, weights_only=False)
+    ck["config"]["policy_dropout"] = 0.0
+    torch.save(ck, path)
+    _, _, _, step, spec = iql.load(path, doms)
+    assert step == 3 and spec["config"]["hidden"] == 8 and "policy_dropout" not in spec["config"]
