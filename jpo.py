@@ -102,6 +102,9 @@ def select_jpo_turns(records, states_per_domain, group_size, seed, min_group=2):
 def group_advantages(rewards, groups, clip):
     """(r - group mean) / group std, clipped to [-clip, clip]. A group of one, or one whose
     rewards are all equal, carries no preference and gets advantage 0 (never NaN)."""
+    # BEGIN A4 group_advantages
+    # hint: for each group key: (r - the group's mean) / the group's sample std (torch's default), then
+    # clamp to [-clip, clip]; 0 for a group of one and for a group whose std is <= 1e-8; float32 (N,)
     r = torch.as_tensor(rewards, dtype=torch.float32)
     out = torch.zeros_like(r)
     keys = list(groups)
@@ -114,25 +117,36 @@ def group_advantages(rewards, groups, clip):
         if sd > 1e-8:
             out[idx] = ((x - x.mean()) / sd).clamp(-clip, clip)
     return out
+    # END A4
 
 
 def sequence_ratio(logp, logp_ref, mask):
     """rho = exp(mean over response tokens of (log pi - log pi_ref)), one per sequence. (B,)"""
+    # BEGIN A4 sequence_ratio
+    # hint: mean over each row's masked tokens (count at least 1) of logp - logp_ref, then exp
     n = mask.sum(1).clamp(min=1)
     return torch.exp(((logp - logp_ref) * mask).sum(1) / n)
+    # END A4
 
 
 def clipped_surrogate(ratio, adv, clip_eps):
     """PPO's clipped objective as a loss, per sequence: -min(rho A, clip(rho) A). (B,)"""
+    # BEGIN A4 clipped_surrogate
+    # hint: minus the elementwise min of ratio * adv and clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
     return -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    # END A4
 
 
 def k3_kl(logp, logp_ref, mask):
     """Per-sequence mean of the k3 estimator of KL(pi || pi_ref) on the sampled tokens:
     exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1, which is >= 0 and 0 when equal. (B,)"""
+    # BEGIN A4 k3_kl
+    # hint: with d = logp_ref - logp on the masked tokens: exp(d) - d - 1, averaged over each row's
+    # masked tokens (count at least 1); padding adds nothing
     d = (logp_ref - logp) * mask
     k3 = (torch.exp(d) - d - 1) * mask
     return k3.sum(1) / mask.sum(1).clamp(min=1)
+    # END A4
 
 
 # ----------------------------------------------------------------------------------------
