@@ -5,6 +5,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -150,6 +151,9 @@ def test_ctrl_c_in_a_terminal_saves_the_game(run, tmp_path):
     pid, fd = pty.fork()
     if pid == 0:                                   # the child: the chat on the terminal's slave side
         os.chdir(ROOT)
+        # a test run started in the background of a script inherits SIGINT ignored, and Python keeps
+        # an ignored SIGINT ignored: restore the default so that Ctrl-C reaches the chat as it would
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(sys.executable, argv, _env())
     try:
         seen = _read_until(fd, b"you> ")
@@ -160,7 +164,13 @@ def test_ctrl_c_in_a_terminal_saves_the_game(run, tmp_path):
         seen += _read_until(fd, b"transcript page")
         seen += _read_until(fd, b"\0", timeout=5)
     finally:
-        _, status = os.waitpid(pid, 0)
+        end = time.time() + 60                     # never hang the suite on a chat that did not stop
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.time() < end:
+            time.sleep(0.2)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            done = os.waitpid(pid, 0)
+        status = done[1]
         os.close(fd)
     text = seen.decode(errors="replace")
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, text
