@@ -12,6 +12,29 @@ import domains  # noqa: E402
 DOMAINS_FILE = os.path.join(ROOT, "domains.yaml")
 
 
+def make_selector_run(out):
+    """A small run folder with an IQL selector (collect, judge, 30 IQL steps on crad and student,
+    scenarios 0-4 x 2 seeds): what teacher-iql and iql need, in seconds."""
+    import emodistill
+    assert emodistill.main(["collect", "--out", out, "--domains", "crad,student", "--scenarios", "0-4",
+                            "--seeds-per-scenario", "2"]) == 0
+    assert emodistill.main(["judge", "--out", out]) == 0
+    assert emodistill.main(["iql", "--out", out, "--steps", "30"]) == 0
+    return out
+
+
+def record_logits(dec):
+    """The logits every step of the decoder `dec` samples from (prefill, then each decoding
+    step), copied to the CPU as float32; returns the list it fills."""
+    seen, sample = [], dec._sample
+
+    def record(logits, gen):
+        seen.append(logits.detach().float().cpu().clone())
+        return sample(logits, gen)
+    dec._sample = record
+    return seen
+
+
 @pytest.fixture(scope="session")
 def cfg():
     return domains.load_config(DOMAINS_FILE)

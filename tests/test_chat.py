@@ -15,7 +15,7 @@ import pytest
 import chat
 import emodistill
 import negotiate as ng
-from conftest import ROOT
+from conftest import ROOT, make_selector_run
 from domains import make_scenarios
 
 RECORD_KEYS = {"key", "domain", "scenario_id", "split", "seed", "persona", "unit", "focal_prefers", "s0", "b0",
@@ -25,12 +25,7 @@ RECORD_KEYS = {"key", "domain", "scenario_id", "split", "seed", "persona", "unit
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A small run folder with an IQL selector (teacher-iql, iql need it)."""
-    out = str(tmp_path_factory.mktemp("chat") / "run")
-    assert emodistill.main(["collect", "--out", out, "--domains", "crad,student", "--scenarios", "0-4",
-                            "--seeds-per-scenario", "2"]) == 0
-    assert emodistill.main(["judge", "--out", out]) == 0
-    assert emodistill.main(["iql", "--out", out, "--steps", "30"]) == 0
-    return out
+    return make_selector_run(str(tmp_path_factory.mktemp("chat") / "run"))
 
 
 def _env():

@@ -9,6 +9,7 @@ import dataclasses
 import os
 
 import pytest
+from conftest import record_logits
 import torch
 
 import decode
@@ -131,22 +132,13 @@ def test_cuda_lm_agent_plays_episodes(cfg, pair, monkeypatch):
 
 # -- the static decoding step in CUDA graphs (decode.py) against the eager step -------------
 
-def _recording(dec):
-    seen, sample = [], dec._sample
-
-    def record(logits, gen):
-        seen.append(logits.float().cpu())
-        return sample(logits, gen)
-    dec._sample = record
-    return seen
-
 
 def _decoders(model, ends, **kw):
     """The eager decoder and the static one, with graphs where CUDA is (EMODISTILL_TEST_DEVICE=cpu:
     without), each recording the logits it samples from."""
     eager = decode.KVDecoder(model, ends, static=False, **kw)
     static = decode.KVDecoder(model, ends, static=True, graphs=DEV == "cuda", **kw)
-    return eager, static, _recording(eager), _recording(static)
+    return eager, static, record_logits(eager), record_logits(static)
 
 
 def test_cuda_graph_decoder_matches_the_eager_step_float32(pair):

@@ -4,6 +4,7 @@ cache of a previous turn gives exactly what recomputing the whole prompt gives."
 import dataclasses
 
 import pytest
+from conftest import record_logits
 import torch
 
 import decode
@@ -174,16 +175,6 @@ def test_prefill_in_chunks_equals_one_pass(model, tiny_lm):
 # -- the static decoding step (decode.py's module docstring): on CUDA it is captured in graphs;
 # on the CPU the same step runs without them, and here it is checked against the default step
 
-def _recording(dec):
-    """The logits every step of `dec` samples from (prefill, then each decoding step), copied."""
-    seen, sample = [], dec._sample
-
-    def record(logits, gen):
-        seen.append(logits.float().clone())
-        return sample(logits, gen)
-    dec._sample = record
-    return seen
-
 
 def _same_calls(model, ends, calls, atol=1e-5, **kw):
     """Run the same calls (prompts, seed or None) through a static and a default decoder, each
@@ -192,7 +183,7 @@ def _same_calls(model, ends, calls, atol=1e-5, **kw):
     static = decode.KVDecoder(model, ends, static=True, **kw)
     eager = decode.KVDecoder(model, ends, static=False, **kw)
     assert static.static and not static.graphs and not eager.static
-    seen_s, seen_e = _recording(static), _recording(eager)
+    seen_s, seen_e = record_logits(static), record_logits(eager)
     cs = ce = None
     for prompts, seed in calls:
         gs = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -283,13 +274,13 @@ def test_static_step_with_unmerged_lora(model):
     for mod in lora.lora_modules(off).values():
         mod.lora_B.weight.data.zero_()
     off_dec = decode.KVDecoder(off, [2], max_new_tokens=8, temperature=0, static=True)
-    with_lora, seen_off = _recording(static), _recording(off_dec)
+    with_lora, seen_off = record_logits(static), record_logits(off_dec)
     static.generate(tok_ids)
     off_dec.generate(tok_ids)
     assert (with_lora[1] - seen_off[1]).abs().max() > 1e-2          # the adapter is in the decoding step
     lora.merge(m)
     merged = decode.KVDecoder(m, [2], max_new_tokens=8, temperature=0, static=False)
-    seen_m = _recording(merged)
+    seen_m = record_logits(merged)
     with_lora.clear()
     assert static.generate(tok_ids)[0] == merged.generate(tok_ids)[0]
     for a, b in zip(with_lora, seen_m):

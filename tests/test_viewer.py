@@ -9,6 +9,7 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
+from conftest import make_selector_run
 
 import chat
 import emodistill
@@ -23,11 +24,7 @@ needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no headless chromiu
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run with one chat game, whose eval (two teacher methods, two domains) wrote the page."""
-    out = str(tmp_path_factory.mktemp("viewer") / "run")
-    assert emodistill.main(["collect", "--out", out, "--domains", "crad,student", "--scenarios", "0-4",
-                            "--seeds-per-scenario", "2"]) == 0
-    assert emodistill.main(["judge", "--out", out]) == 0
-    assert emodistill.main(["iql", "--out", out, "--steps", "30"]) == 0
+    out = make_selector_run(str(tmp_path_factory.mktemp("viewer") / "run"))
     lines = iter(["I need 150 days.", "/offer 140", "/quit"])
     chat.chat(out, "teacher-iql", domain="crad", scenario=80, read=lambda prompt: next(lines), write=lambda s: None)
     assert emodistill.main(["eval", "--out", out, "--methods", "teacher-random,teacher-iql", "--domains",
