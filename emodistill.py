@@ -515,9 +515,10 @@ def build_parser():
     import viewer
     p = argparse.ArgumentParser(prog="emodistill.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    f = shared_flags()
 
     def command(name, fn, help, parents, *own):
+        f = shared_flags()            # fresh flag objects: argparse shares a parent's actions between
+                                      # subcommands, and each one's help gets its own default below
         sp = sub.add_parser(name, help=help, parents=[f[k] for k in parents],
                             argument_default=argparse.SUPPRESS)
         for flag, kw in own:

@@ -336,3 +336,14 @@ def test_results_say_which_machine_computed_each_row(tmp_path):
     assert run("eval", *args, "--methods", "teacher-random,teacher-fixed:anger") == 0
     text = open(os.path.join(out, "results.md")).read()
     assert "Computed on several machines: " in text and "not recorded (a row from before" in text
+
+
+def test_each_subcommand_help_shows_its_own_defaults():
+    """argparse shares a parent parser's flags between subcommands: the default each help line
+    shows must be that subcommand's own, once (sft trains at lr 2e-3, jpo at 2e-4)."""
+    p = emodistill.build_parser()
+    sub = next(a for a in p._actions if a.dest == "cmd").choices
+    helps = {name: {a.dest: a.help for a in sp._actions} for name, sp in sub.items()}
+    assert helps["sft"]["lr"] == "(default 0.002)"
+    assert helps["jpo"]["lr"] == "(default 0.0002)"
+    assert helps["collect"]["out"] == "run folder (default runs/default)"
