@@ -228,8 +228,10 @@ def sft_prompt(cfg, tok, rec, turn_index, emotion_free=False, offers="planned"):
 
 def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", student="smollm2", emotion_free=False,
               offers="planned", name=None, selector=None, top_k=10.0, max_examples=64, epochs=3.0, lr=2e-3, r=16, alpha=32,
-              batch_size=8, grad_accum=1, seed=0, on_bad_line="error", force=False, retrain_stale=False):
+              batch_size=8, grad_accum=1, prompt_grad=True, seed=0, on_bad_line="error", force=False,
+              retrain_stale=False):
     """LoRA SFT of the student on the top-K% advantage focal turns -> runs/NAME/<name>/ (adapter).
+    prompt_grad=False: no gradient through the prompt tokens (lora.response_logprobs).
     retrain_stale: retrain an adapter made from other inputs instead of refusing it."""
     import torch
 
@@ -240,7 +242,8 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
     folder = os.path.join(out, name)
     need(os.path.join(out, "judged.jsonl"), "run judge first")
     sel_path = need(selector or os.path.join(out, "iql.pt"), "sft ranks turns with the IQL value net: run iql first")
-    hp = lora.SFTConfig(r=r, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, seed=seed)
+    hp = lora.SFTConfig(r=r, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                        prompt_grad=prompt_grad, seed=seed)
     settings = {"student": student, "emotion_free": emotion_free, "offers": offers, "top_k": top_k,
                 "max_examples": max_examples,
                 "config": asdict(hp), "selector_sha": sha(sel_path), "judged_sha": sha(os.path.join(out, "judged.jsonl")),
@@ -525,7 +528,8 @@ def build_parser():
             sp.add_argument(flag, **kw)
         defaults = inspect.signature(fn).parameters
         for a in sp._actions:         # show each default, which lives in the function's signature
-            if a.dest in defaults and defaults[a.dest].default is not inspect.Parameter.empty:
+            if a.dest in defaults and defaults[a.dest].default is not inspect.Parameter.empty and \
+                    not isinstance(a, argparse._StoreFalseAction):   # (a --no-X flag's default reads wrong)
                 a.help = f"{a.help + ' ' if a.help else ''}(default {defaults[a.dest].default})"
         sp.set_defaults(stage=fn)
     agents = "sim | smollm2 | hf:<model> | api:<model>"
@@ -549,7 +553,9 @@ def build_parser():
             ("--top-k", dict(type=float, help="percent of focal turns kept, by IQL advantage")),
             ("--max-examples", dict(type=int, help="cap on examples (a seeded sample of the top-K%%, equal per "
                                     "domain); 0 = no cap")),
-            ("--r", dict(type=int, help="LoRA rank")), ("--alpha", dict(type=int, help="LoRA alpha (scale alpha / r)")))
+            ("--r", dict(type=int, help="LoRA rank")), ("--alpha", dict(type=int, help="LoRA alpha (scale alpha / r)")),
+            ("--no-prompt-grad", dict(dest="prompt_grad", action="store_false", help="no gradient through the "
+                                      "prompt tokens: one example at a time, ~40%% faster on the compact prompt")))
     command("jpo", train_jpo, "Judge Policy Optimization of the SFT adapter",
             ["out", "run", "seed", "bad", "student", "adapter", "offers"],
             ("--jpo-mode", dict(choices=["offline", "resample"], help="offline: corpus turns with their stored "

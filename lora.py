@@ -25,6 +25,7 @@ on the prompt tokens too, which teaches the model to write the counterparty's li
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -226,6 +227,8 @@ class SFTConfig:
     heldout_frac: float = 0.1    # share of examples kept out for the early-stopping loss (rounded up, stratified)
     min_per_emotion: int = 4     # SFT data: turns per emotion and domain kept even below the top-K cut
     min_move_share: float = 0.2  # SFT data: least share of a domain's examples for each planned move (offer, accept)
+    prompt_grad: bool = True     # False: no gradient through the prompt tokens (response_logprobs); ~40%
+                                 # faster on a compact prompt, a departure from plain SFT
     eval_every: int = 10         # optimiser steps between held-out evaluations
     patience: int = 3            # evaluations without improvement before stopping early
     max_len: int = 2048          # longer examples lose prompt tokens from the left (never the response)
@@ -409,6 +412,33 @@ def token_logprobs(model, batch):
     # END A3
 
 
+def response_logprobs(model, example):
+    """log pi(y_t | y_<t, prompt) of one example's label tokens (N,), with no gradient through
+    the prompt: the prompt's keys and values are computed without autograd, and only the
+    response tokens (and the last prompt token, whose output predicts the first of them) run
+    with it. The values are those of `token_logprobs`; the gradient leaves out how the adapter
+    changes the prompt's keys and values. A compact prompt is ~85% of an example's tokens, so
+    a training step costs ~40% less (`SFTConfig.prompt_grad`). One example at a time: no padding."""
+    ids = torch.as_tensor(example["input_ids"])[None]                                          # 1,S
+    labels = torch.as_tensor(example["labels"])
+    p = int((labels != -100).nonzero()[0])           # the first label token; position p-1 predicts it
+    if p < 2:
+        raise ValueError("response_logprobs needs a prompt of at least two tokens")
+    dev = next(model.parameters()).device
+    ids = ids.to(dev)
+    body = model.base_model
+    with torch.no_grad():
+        out = body(input_ids=ids[:, :p - 1], use_cache=True)                                 # the prompt minus one
+    # the cache argument is `cache` in newer transformers, `past_key_values` before
+    kw = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    cache = out.cache if kw == "cache" else out.past_key_values
+    h = body(input_ids=ids[:, p - 1:-1], use_cache=True, **{kw: cache}).last_hidden_state      # 1,S-p,D
+    target = labels[p:].to(dev)                                                                # S-p
+    keep = target != -100
+    logits = model.get_output_embeddings()(h[0][keep])                                        # N,V
+    return torch.gather(F.log_softmax(logits.float(), -1), 1, target[keep][:, None]).squeeze(1)
+
+
 def sft_loss(model, batch, n_tokens=None):
     """Negative log-likelihood of the batch's response tokens, divided by `n_tokens` (default:
     the batch's own response-token count, i.e. the mean). `train_sft` passes the count of the
@@ -526,6 +556,15 @@ def train_sft(model, examples, pad_id, cfg: SFTConfig, ckpt=None, log=print, pro
         n_resp = sum(sum(1 for x in train_ex[i]["labels"] if x != -100) for idx in chunk for i in idx)
         loss_sum = 0.0
         for idx in chunk:
+            if not cfg.prompt_grad:                         # one example at a time, prompt without autograd
+                for i in idx:
+                    ex = {k: v[-cfg.max_len:] for k, v in train_ex[i].items()}
+                    with autocast_for(model):
+                        loss = -response_logprobs(model, ex).sum() / n_resp
+                    loss.backward()
+                    loss_sum += loss.item()
+                    state["tokens"] += len(ex["input_ids"])
+                continue
             b = {k: v.to(dev) for k, v in collate([train_ex[i] for i in idx], pad_id, cfg.max_len).items()}
             with autocast_for(model):
                 loss = sft_loss(model, b, n_resp)           # mean over the step's response tokens

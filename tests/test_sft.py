@@ -334,6 +334,62 @@ def test_sft_lowers_the_loss_and_trains_only_lora(tiny_lm):
             assert torch.equal(p, base[n]), n
 
 
+def test_sft_without_prompt_gradient_lowers_the_loss(tiny_lm):
+    model, tok = copy.deepcopy(tiny_lm[0]), tiny_lm[1]
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(25)
+    lora.inject(model, r=4, alpha=8, dropout=0.0)
+    exs = _examples(tok)
+    cfg = lora.SFTConfig(r=4, alpha=8, lr=1e-2, epochs=8, batch_size=4, heldout_frac=0.0, eval_every=100,
+                         prompt_grad=False)
+    before = lora.heldout_loss(model, exs, tok.pad_token_id, cfg)
+    lora.train_sft(model, exs, tok.pad_token_id, cfg, log=lambda *_: None)
+    assert lora.heldout_loss(model, exs, tok.pad_token_id, cfg) < before - 3.0
+
+
+def _lora_model(tiny_lm, layers, targets):
+    from transformers import LlamaForCausalLM
+    conf = copy.deepcopy(tiny_lm[0].config)
+    conf.num_hidden_layers = layers
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(conf).eval()
+    lora.inject(model, targets=targets, r=4, alpha=8, dropout=0.0)
+    for m in lora.lora_modules(model).values():              # a trained-looking adapter: B != 0
+        torch.nn.init.normal_(m.lora_B.weight, std=0.5)
+    return model
+
+
+def test_response_logprobs_without_prompt_gradient(tiny_lm):
+    """Values equal token_logprobs' (an off-by-one at the prompt/response boundary would drop or
+    shift a token). Gradients: in one layer with the adapter on q and o only, the prompt's keys
+    and values do not depend on the adapter, so leaving the prompt out of autograd changes no
+    gradient; with the adapter on v they do, and the gradient must differ (the prompt really is
+    cut off)."""
+    tok = tiny_lm[1]
+    ex = lora.encode_example(tok, "<|im_start|>user\nOffer 34 days, with anger<|im_end|>\n<|im_start|>assistant\n",
+                             "I am furious. 34 days.")
+
+    def grads(model, fn):
+        model.zero_grad()
+        fn(model).backward()
+        return torch.cat([p.grad.flatten() for p in lora.trainable_parameters(model)])
+
+    def full(model):
+        lp, mask = lora.token_logprobs(model, lora.collate([ex], tok.pad_token_id))
+        return lp.sum()
+
+    model = _lora_model(tiny_lm, 2, lora.DEFAULT_TARGETS)
+    with torch.no_grad():
+        lp, mask = lora.token_logprobs(model, lora.collate([ex], tok.pad_token_id))
+        torch.testing.assert_close(lora.response_logprobs(model, ex), lp[mask], atol=1e-5, rtol=1e-5)
+    one_layer_qo = _lora_model(tiny_lm, 1, ("q_proj", "o_proj"))
+    torch.testing.assert_close(grads(one_layer_qo, lambda m: lora.response_logprobs(m, ex).sum()),
+                               grads(one_layer_qo, full), atol=1e-5, rtol=1e-4)
+    one_layer_v = _lora_model(tiny_lm, 1, ("v_proj",))
+    g_cut, g_full = grads(one_layer_v, lambda m: lora.response_logprobs(m, ex).sum()), grads(one_layer_v, full)
+    assert not torch.allclose(g_cut, g_full, atol=1e-4)
+
+
 def test_sft_resumes_exactly(tiny_lm, tmp_path, kill_after):
     tok = tiny_lm[1]
     exs = _examples(tok, 20)
