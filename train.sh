@@ -18,7 +18,7 @@ if [ "$PROFILE" = "paper" ]; then
   D_TRANSFER_LM=1
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,random,best-fixed,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free
 elif [ "$PROFILE" = "quick" ]; then
-  D_SEEDS=50; D_STEPS=10000; D_SFT_MAX=256; D_SFT_EPOCHS=2; D_JPO_SCEN=4; D_JPO_GROUP=4; D_JPO_EPOCHS=1
+  D_SEEDS=50; D_STEPS=10000; D_SFT_MAX=256; D_SFT_EPOCHS=3; D_JPO_SCEN=4; D_JPO_GROUP=4; D_JPO_EPOCHS=1
   D_MICRO=2; D_ACCUM=4; D_JOBS=auto
   D_EVAL_SEEDS=1; D_RUN=runs/default; D_STUDIES=; D_TOURNEY_SCEN=5; D_TRANSFER_LM=0
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,iql,iql+sft,emodistill,jpo-emotion-free
