@@ -56,6 +56,48 @@ def expression_rates(rec):
             sum(followed) / len(followed) if followed else None)
 
 
+MOVE_OUTCOMES = ("offer followed", "accept followed", "offer: accepted instead", "offer: restated theirs",
+                 "offer: no number", "offer: another number", "accept: restated theirs", "accept: other")
+
+
+def move_outcome(turn):
+    """What a planned focal turn did, one of MOVE_OUTCOMES (None without a plan): the planned
+    move done, or how it missed. "restated theirs" is the echo rule at work: the reply's number
+    was the counterparty's standing offer, read as neither an offer nor an accept."""
+    ok = move_followed(turn)
+    if ok is None:
+        return None
+    if turn["plan"]["move"] == "accept":
+        return "accept followed" if ok else "accept: restated theirs" if turn.get("echo") else "accept: other"
+    if ok:
+        return "offer followed"
+    if turn.get("accept"):
+        return "offer: accepted instead"
+    if turn.get("echo"):
+        return "offer: restated theirs"
+    return "offer: no number" if turn.get("offer") is None else "offer: another number"
+
+
+def move_outcome_lines(results, names):
+    """results.md's count of what the planned focal turns did, per method with planned turns:
+    where offer fidelity is lost."""
+    rows = []
+    for m in names:
+        counts = dict.fromkeys(MOVE_OUTCOMES, 0)
+        for r in results[m]["records"]:
+            for t in r["turns"]:
+                k = move_outcome(t) if t["speaker"] == "focal" else None
+                if k:
+                    counts[k] += 1
+        if sum(counts.values()):
+            rows.append(f"| {m} | {sum(counts.values())} | " + " | ".join(str(counts[k]) for k in MOVE_OUTCOMES) + " |")
+    if not rows:
+        return []
+    return ["## What the planned focal turns did (all domains)", "",
+            "| method | planned turns | " + " | ".join(MOVE_OUTCOMES) + " |",
+            "|---|---|" + "---|" * len(MOVE_OUTCOMES)] + rows + [""]
+
+
 def summarize(records):
     """Outcome metrics over trajectory records, each (mean, lo, hi). The expression rates are
     per-trajectory shares (see `expression_rates`) averaged over trajectories."""
@@ -105,6 +147,7 @@ def write_results(out, eval_dir, results, names, doms, best, seeds, seed, split,
               "its number, or accepted when told to; with --offers free the prompt does not name the move, so this "
               "is how often the model chose the planner's number). All are per-episode shares averaged over "
               "episodes.", ""]
+    lines += move_outcome_lines(results, names)
     lines += ordering_lines(results, names, doms)
     lines += machine_lines(results, names)
     lines += plots(os.path.join(out, eval_dir), results, names, doms, selector_methods)

@@ -139,6 +139,37 @@ def test_offer_fidelity_on_hand_made_transcripts():
     assert s["offer_fidelity"][0] == pytest.approx((2 / 3 + 1) / 2)
 
 
+def test_move_outcomes_count_each_planned_turn_once():
+    offer34, accept41 = {"move": "offer", "offer": 34.0}, {"move": "accept", "offer": 41.0}
+    turns = [_turn(offer34, 34.0), _turn(accept41, None, accept=True), _turn(offer34, 34.0, accept=True),
+             dict(_turn(offer34, None), echo=True), _turn(offer34, None), _turn(offer34, 36.0),
+             dict(_turn(accept41, None), echo=True), _turn(accept41, 30.0),
+             {"speaker": "focal", "text": "no plan", "offer": 20.0, "accept": False}]
+    assert [report.move_outcome(t) for t in turns] == list(report.MOVE_OUTCOMES) + [None]
+    rec = {"domain": "crad", "turns": turns}
+    lines = report.move_outcome_lines({"emodistill": {"records": [rec, rec]},
+                                       "teacher-iql": {"records": [{"domain": "crad", "turns": turns[-1:]}]}},
+                                      ["emodistill", "teacher-iql"])
+    assert lines[4] == "| emodistill | 16 | 2 | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"
+    assert len(lines) == 6                                       # no row for a method without planned turns
+
+
+def test_restating_their_number_when_told_to_accept_is_counted_as_an_echo(cfg):
+    """Through the loop's own parser: told to accept 41 days, "41 days is what we need" repeats
+    the counterparty's standing offer; it is neither an offer nor an accept."""
+    dom = cfg.domains["crad"]
+    sc = domains.make_scenarios(dom)[0]
+    ep = ng.new_episode(dom, sc, 0)
+    ep.offers = {"focal": 30.0, "counterparty": 41.0}
+    ep.private["move"] = {"move": "accept", "offer": 41.0}
+    text = "Full settlement within 41 days is what we need."
+    ng._apply(ep, "focal", ng.Reply(text, accept=ng.detect_accept(text), free_text=True), cfg,
+              ng.Perceiver(cfg.emotions), "anger")
+    assert ep.turns[-1]["offer"] is None and ep.turns[-1]["accept"] is False
+    assert report.move_outcome(ep.turns[-1]) == "accept: restated theirs"
+    assert not ep.done
+
+
 def test_the_judge_pays_for_stating_the_planned_move(cfg):
     """A reply that states another in-range number than the plan scores lower on `offer` than
     the planned number (the number is the planner's; the words are judged on stating it)."""
