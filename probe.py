@@ -19,14 +19,21 @@ from runs import read_jsonl
 
 
 def probe(out="runs/default", corpus="", adapter="", student="smollm2", states=96, temperature=STUDENT_TEMPERATURE,
-          max_new_tokens=48, offers="planned", domains_file="domains.yaml", seed=0, show=3):
+          max_new_tokens=48, offers="planned", move="", domains_file="domains.yaml", seed=0, show=3):
     """Offer fidelity, emotion match and judge score of the student on `states` focal turns of `corpus`
     (a seeded random draw). `adapter`: a folder under `out`, or "" for the
-    base model. Prints the rates per domain and a few replies; returns the pooled rates."""
+    base model. `move`: only the turns whose planned move is this one ("offer" or "accept"; accept
+    turns are ~2% of a corpus, too few in a uniform draw to measure). Prints the rates per domain
+    and a few replies; returns the pooled rates."""
+    if move not in ("", "offer", "accept"):
+        raise ValueError(f"move must be offer, accept or empty, got '{move}'")
     cfg = load_config(domains_file)
     records, _ = read_jsonl(corpus)
     rng = np.random.default_rng(seed)
-    pool = [(r, i) for r in records for i, t in enumerate(r["turns"]) if t["speaker"] == "focal" and t.get("emotion")]
+    pool = [(r, i) for r in records for i, t in enumerate(r["turns"]) if t["speaker"] == "focal" and t.get("emotion")
+            and (not move or (t.get("plan") or {}).get("move") == move)]
+    if not pool:
+        raise ValueError(f"no focal turns with an emotion{' and planned move ' + move if move else ''} in {corpus}")
     picks = [pool[i] for i in sorted(rng.choice(len(pool), min(states, len(pool)), replace=False))]
     folder = f"{out}/{adapter}" if adapter else None
     agent = make_agent(student, "focal", cfg, seed, batch_size=64, adapter=folder, offers=offers,
@@ -66,4 +73,5 @@ def add_command(command):
             ("--adapter", dict(help="adapter folder under the run ('' = the base model)")),
             ("--student", dict()), ("--states", dict(type=int)), ("--temperature", dict(type=float)),
             ("--max-new-tokens", dict(type=int)), ("--offers", dict(choices=ng.OFFER_MODES)),
+            ("--move", dict(choices=["offer", "accept"], help="only turns with this planned move")),
             ("--domains-file", dict()), ("--seed", dict(type=int)), ("--show", dict(type=int)))

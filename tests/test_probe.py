@@ -1,0 +1,39 @@
+"""`emodistill.py probe`: the one-turn check used to choose SFT settings on training scenarios."""
+import pytest
+
+import emodistill
+import probe
+from conftest import DOMAINS_FILE
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe")
+    emodistill.collect(out=str(out), domains_file=DOMAINS_FILE, seeds_per_scenario=2, scenarios="72-75")
+    return out / "corpus.jsonl"
+
+
+@pytest.fixture(scope="module")
+def student(tiny_lm, tmp_path_factory):
+    model, tok = tiny_lm
+    folder = tmp_path_factory.mktemp("student")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_probe_counts_rates_and_filters_by_move(corpus, student, capsys):
+    got = probe.probe(corpus=str(corpus), student=student, states=8, max_new_tokens=6, domains_file=DOMAINS_FILE)
+    assert set(got) == {"offer_fidelity", "emotion_match", "judge_score"}
+    assert 0 <= got["offer_fidelity"] <= 1 and 0 <= got["emotion_match"] <= 1 and 1 <= got["judge_score"] <= 10
+    out = capsys.readouterr().out
+    assert "[probe] all       n   8" in out
+    probe.probe(corpus=str(corpus), student=student, states=4, max_new_tokens=6, move="accept",
+                domains_file=DOMAINS_FILE, show=4)
+    shown = [line for line in capsys.readouterr().out.splitlines() if "Your move:" in line]
+    assert shown and all("Your move: accept their offer" in line for line in shown)
+
+
+def test_probe_names_a_bad_move(corpus, student):
+    with pytest.raises(ValueError, match="move must be offer, accept"):
+        probe.probe(corpus=str(corpus), student=student, move="walk")
