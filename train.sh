@@ -79,7 +79,7 @@ eval_some() {  # eval_some LIST [NAME]: evaluate the methods of LIST that are in
 
 # ----------------------------------------------------------------------------------------
 # The stages, one function each: what it makes, and roughly what it costs (quick profile on
-# 2 CPU cores; the times are runs/v4 in docs/notebook.md, two lanes sharing the cores)
+# 2 CPU cores; the times are runs/v9 in docs/notebook.md, entry 36, two lanes side by side)
 # ----------------------------------------------------------------------------------------
 
 # SimTeacher vs SimCounterparty on the 80 training scenarios of each of the 4 domains, a
@@ -96,7 +96,7 @@ summary() { $PY emodistill.py summary --out "$RUN"; }
 iql() { stage iql $PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLAG; }
 # LoRA (r=16 on q,k,v,o) on the student, imitating the focal turns with the top 10% IQL
 # advantage, the prompt exactly as at inference, loss on the response only. quick: a sample of
-# SFT_MAX of them, ~150 training tokens/s (~9 min). -> $RUN/sft/
+# SFT_MAX of them, 3 epochs, ~100 training tokens/s on one core (87 steps, ~27 min in runs/v9). -> $RUN/sft/
 sft() {
   stage sft $PY emodistill.py sft --out "$RUN" --offers "$OFFERS" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
     --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
@@ -122,8 +122,8 @@ jpo_emotion_free() {
 }
 # eval: the methods on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS, the same
 # counterparty draws for every method -> $RUN/eval/<method>.json. LM rows take minutes each on
-# a CPU (vanilla ~9 min; iql,iql+sft ~30 min and emodistill,jpo-emotion-free ~23 min, each
-# pair sharing the cores with the other lane). The other methods: teacher-* rows use the
+# a CPU (runs/v9, each lane on one core: vanilla 9 min, iql,iql+sft 17 min,
+# emodistill,jpo-emotion-free 13 min). The other methods: teacher-* rows use the
 # SimTeacher as the expresser (about a minute with the best-fixed choice); random, best-fixed
 # and sft-emotion-free are LM rows when asked for.
 eval_others() { eval_some "$(others)" "eval others"; }
