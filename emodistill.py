@@ -228,7 +228,7 @@ def sft_prompt(cfg, tok, rec, turn_index, emotion_free=False, offers="planned"):
 
 def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", student="smollm2", emotion_free=False,
               offers="planned", name=None, selector=None, top_k=10.0, max_examples=64, epochs=3.0, lr=2e-3, r=16, alpha=32,
-              batch_size=8, grad_accum=1, prompt_grad=True, seed=0, on_bad_line="error", force=False,
+              batch_size=8, grad_accum=1, prompt_grad=True, min_move_share=0.2, seed=0, on_bad_line="error", force=False,
               retrain_stale=False):
     """LoRA SFT of the student on the top-K% advantage focal turns -> runs/NAME/<name>/ (adapter).
     prompt_grad=False: no gradient through the prompt tokens (lora.response_logprobs).
@@ -243,7 +243,7 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
     need(os.path.join(out, "judged.jsonl"), "run judge first")
     sel_path = need(selector or os.path.join(out, "iql.pt"), "sft ranks turns with the IQL value net: run iql first")
     hp = lora.SFTConfig(r=r, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-                        prompt_grad=prompt_grad, seed=seed)
+                        prompt_grad=prompt_grad, min_move_share=min_move_share, seed=seed)
     settings = {"student": student, "emotion_free": emotion_free, "offers": offers, "top_k": top_k,
                 "max_examples": max_examples,
                 "config": asdict(hp), "selector_sha": sha(sel_path), "judged_sha": sha(os.path.join(out, "judged.jsonl")),
@@ -554,6 +554,8 @@ def build_parser():
             ("--max-examples", dict(type=int, help="cap on examples (a seeded sample of the top-K%%, equal per "
                                     "domain); 0 = no cap")),
             ("--r", dict(type=int, help="LoRA rank")), ("--alpha", dict(type=int, help="LoRA alpha (scale alpha / r)")),
+            ("--min-move-share", dict(type=float, help="least share of a domain's SFT examples for each planned "
+                                      "move (offer, accept)")),
             ("--no-prompt-grad", dict(dest="prompt_grad", action="store_false", help="no gradient through the "
                                       "prompt tokens: one example at a time, ~40%% faster on the compact prompt")))
     command("jpo", train_jpo, "Judge Policy Optimization of the SFT adapter",

@@ -347,3 +347,5 @@ def test_each_subcommand_help_shows_its_own_defaults():
     assert helps["sft"]["lr"] == "(default 0.002)"
     assert helps["jpo"]["lr"] == "(default 0.0002)"
     assert helps["collect"]["out"] == "run folder (default runs/default)"
+    assert helps["sft"]["min_move_share"].endswith("(default 0.2)")             # lora.SFTConfig's value
+    assert emodistill.build_parser().parse_args(["sft", "--min-move-share", "0.35"]).min_move_share == 0.35
