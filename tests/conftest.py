@@ -60,6 +60,16 @@ def tiny_lm(smollm2):
     return LlamaForCausalLM(conf).eval(), tok
 
 
+@pytest.fixture(scope="session")
+def tiny_student(tiny_lm, tmp_path_factory):
+    """tiny_lm saved as a model folder, for the stages that take `--student FOLDER`."""
+    model, tok = tiny_lm
+    folder = tmp_path_factory.mktemp("student")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 class Killed(BaseException):
     """Stands for a kill (SIGKILL, a pre-empted machine) in the middle of a training stage. A
     BaseException, so that no `except Exception` on the way (the CLI's error handling) stops it."""

@@ -13,13 +13,9 @@ def corpus(tmp_path_factory):
     return out / "corpus.jsonl"
 
 
-@pytest.fixture(scope="module")
-def student(tiny_lm, tmp_path_factory):
-    model, tok = tiny_lm
-    folder = tmp_path_factory.mktemp("student")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+@pytest.fixture
+def student(tiny_student):
+    return str(tiny_student)
 
 
 def test_probe_counts_rates_and_filters_by_move(corpus, student, capsys):

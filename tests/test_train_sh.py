@@ -4,7 +4,6 @@ import os
 import re
 import subprocess
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = "teacher-random,vanilla,iql,iql+sft,emodistill,jpo-emotion-free"
@@ -16,15 +15,6 @@ def _train(run, student, **env):
     e.update(env)
     return subprocess.run(["bash", os.path.join(ROOT, "train.sh")], env=e, capture_output=True, text=True,
                           timeout=900)
-
-
-@pytest.fixture(scope="module")
-def tiny_student(tiny_lm, tmp_path_factory):
-    model, tok = tiny_lm
-    folder = tmp_path_factory.mktemp("student")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_two_lanes_make_every_method_and_a_rerun_skips(tmp_path, tiny_student):
