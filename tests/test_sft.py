@@ -390,6 +390,22 @@ def test_response_logprobs_without_prompt_gradient(tiny_lm):
     assert not torch.allclose(g_cut, g_full, atol=1e-4)
 
 
+def test_sft_evaluates_the_heldout_loss_once_an_epoch_by_default(tiny_lm):
+    """eval_every=0: one held-out evaluation an epoch (and at the last step): 20 examples, 2 held
+    out, 18 in micro-batches of 4 = 5 a epoch, 2 per step = 3 steps an epoch, 8 steps in all."""
+    tok = tiny_lm[1]
+    m = copy.deepcopy(tiny_lm[0])
+    lora.inject(m, r=4, alpha=8)
+    cfg = lora.SFTConfig(r=4, alpha=8, epochs=2.5, batch_size=4, grad_accum=2)
+    stats = lora.train_sft(m, _examples(tok, 20), tok.pad_token_id, cfg, log=lambda *_: None)
+    assert [row["step"] for row in stats["history"]] == [3, 6, 7]
+    m = copy.deepcopy(tiny_lm[0])
+    lora.inject(m, r=4, alpha=8)
+    stats = lora.train_sft(m, _examples(tok, 20), tok.pad_token_id, dataclasses.replace(cfg, eval_every=2, patience=100),
+                           log=lambda *_: None)
+    assert [row["step"] for row in stats["history"]] == [2, 4, 6, 7]
+
+
 def test_sft_resumes_exactly(tiny_lm, tmp_path, kill_after):
     tok = tiny_lm[1]
     exs = _examples(tok, 20)
