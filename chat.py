@@ -25,7 +25,7 @@ import sys
 
 import negotiate as ng
 from domains import SIDES, TEST_IDS, load_config, make_scenarios
-from methods import STUDENT_TEMPERATURE, best_fixed_emotions, chooser, side_agent
+from methods import STUDENT_REDRAFTS, STUDENT_TEMPERATURE, best_fixed_emotions, chooser, side_agent
 from models import make_agent
 from offers import detect_accept, detect_walk_away, format_offer, parse_offer
 from runs import StageError, domains_sha, read_json, write_json_atomic
@@ -202,7 +202,7 @@ def _load(method, cfg, out, domain, student, st, run_seed, best):
     """The focal agent and emotion policy of `method`, as eval made them (its settings `st`)."""
     temperature = STUDENT_TEMPERATURE if st.get("temperature") is None else st["temperature"]
     return side_agent(method, cfg, out, [domain], student, 1, st.get("sample", False), run_seed, {}, best,
-                      st.get("offers") or "planned", temperature)
+                      st.get("offers") or "planned", temperature, st.get("redrafts", STUDENT_REDRAFTS))
 
 
 def chat(out="runs/default", method="emodistill", side="counterparty", domain="crad", scenario=TEST_IDS[0], seed=0,

@@ -26,8 +26,8 @@ import emomas
 import negotiate as ng
 import report
 from domains import SIDES, TEST_IDS, TRAIN_IDS, DomainConfigError, check_emotions, load_config, make_scenarios, pick_domains
-from methods import (STUDENT_TEMPERATURE, TEACHER_METHODS, adapter_folder, adapter_sha, best_fixed_emotions, chooser,
-                     play, side_agent, uses_selector)
+from methods import (ADAPTER_METHODS, STUDENT_REDRAFTS, STUDENT_TEMPERATURE, TEACHER_METHODS, adapter_folder,
+                     adapter_sha, best_fixed_emotions, chooser, play, side_agent, uses_selector)
 from models import lm_cost, load_lm, make_agent, make_judge
 from runs import (PartialJsonl, StageError, domains_sha, machine_facts, mark_complete, need, parse_ids, prepare_out,
                   progress_bar, read_json, read_jsonl, settings_diff, sha, step_bar, write_json_atomic)
@@ -396,8 +396,11 @@ def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", stu
 def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", methods=",".join(TEACHER_METHODS),
              domains=ALL_DOMAINS, seeds=5, select_seeds=3, student="smollm2", counterparty="sim", persona=None,
              sample=False, seed=0, scenario_seed=0, scenarios_csv=None, split="test", eval_dir="eval", lm_batch=64,
-             offers="planned", temperature=STUDENT_TEMPERATURE, write_report=True, force=False):
-    """Run methods on held-out scenarios (80-99) x seeds; write eval/<method>.json and results.md."""
+             offers="planned", temperature=STUDENT_TEMPERATURE, redrafts=STUDENT_REDRAFTS, write_report=True,
+             force=False):
+    """Run methods on held-out scenarios (80-99) x seeds; write eval/<method>.json and results.md.
+    `redrafts`: how many times a trained student (an adapter row) may rewrite a reply that missed
+    the planned move (methods.STUDENT_REDRAFTS)."""
     cfg = load_config(domains_file, side=side)
     doms = pick_domains(cfg, domains)
     csv_shas = emomas.use_csv_scenarios(scenarios_csv, cfg, doms, out, scenario_seed, domains_file)
@@ -421,6 +424,8 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
                     "best_fixed": best if "best-fixed" in m else None, "domains_file_sha": dsha,
                     "selector_sha": sha(iql_path) if uses_selector(m) and os.path.exists(iql_path) else None,
                     "adapter_sha": adapter_sha(out, m)}
+        if m in ADAPTER_METHODS and offers == "planned":
+            settings["redrafts"] = redrafts
         if csv_shas:
             settings["scenarios_csv"] = csv_shas
         if os.path.exists(path) and not force:
@@ -431,7 +436,7 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
                 continue
             print(f"[eval] {m}: {path} was made with other settings (or another selector); re-running")
         focal, policy = side_agent(m, cfg, out, doms, student, lm_batch, sample, seed, cache, best, offers,
-                                   temperature)
+                                   temperature, redrafts)
         cp = make_agent(counterparty, "counterparty", cfg, seed + 1, lm_batch, model_cache=cache)
         t0 = time.time()
         recs = play(cfg, doms, TEST_IDS if split == "test" else TRAIN_IDS, seeds, focal, cp, policy, seed, persona,
@@ -572,6 +577,7 @@ def build_parser():
             ("--clip-eps", dict(type=float)), ("--kl-coef", dict(type=float)))
     command("eval", evaluate, "evaluate methods on held-out scenarios", EVAL_FLAGS + ["offers"],
             ("--temperature", dict(type=float, help="the student's sampling temperature (0 = greedy)")),
+            ("--redrafts", dict(type=int, help="rewrites of an adapter row's reply that missed the planned move")),
             ("--no-report", dict(dest="write_report", action="store_false", help="only write eval/<method>.json "
                                  "(train.sh runs methods side by side this way, then one eval of all writes results.md)")))
     studies.add_commands(command, _positive)

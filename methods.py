@@ -82,19 +82,22 @@ def adapter_sha(out, method):
 # adapter trained on 0-71 (docs/notebook.md, entry 31): greedy stated the planned move in 83% of
 # replies and the requested emotion in 70%, sampling at temperature 0.7 in 62% and 66%.
 STUDENT_TEMPERATURE = 0.0
+# a trained student's reply that does not do the planned move is written again, sampled, up to
+# this many times (LMAgent.redrafts); rows of the base model (vanilla, iql) are played as they are
+STUDENT_REDRAFTS = 2
 
 
 def side_agent(method, cfg, out, doms, student, lm_batch, sample, seed, cache, best=None, offers="planned",
-               temperature=STUDENT_TEMPERATURE):
+               temperature=STUDENT_TEMPERATURE, redrafts=STUDENT_REDRAFTS):
     """The focal-role expresser of `method` and its emotion policy (None = emotion-free): the
     SimTeacher for teacher-*, else the student LM with the method's adapter from run folder
-    `out`, whose iql.pt the policy uses."""
+    `out`, whose iql.pt the policy uses. `redrafts` apply to the adapter rows only."""
     policy = policy_for(method, out, doms, sample, best or {})
     if method.startswith("teacher-"):
         return ng.SimTeacher(cfg), policy
     return make_agent(student, "focal", cfg, seed, lm_batch, emotion_free=policy is None,
                       model_cache=cache, adapter=adapter_folder(out, method), offers=offers,
-                      temperature=temperature), policy
+                      temperature=temperature, redrafts=redrafts if method in ADAPTER_METHODS else 0), policy
 
 
 def play(cfg, doms, ids, seeds, focal, cp, policy, run_seed, persona=None, scenario_seed=0):

@@ -64,6 +64,7 @@ class Reply:
     walk_away: bool = False
     emotion: str | None = None     # the emotion a counterparty-side agent was asked to express (tournament)
     free_text: bool = False        # written by a model (LM, API): its offer is read from the words, see _apply
+    drafts: int = 1                # replies the LM wrote for this turn (LMAgent.redrafts), the played one among them
 
 
 @dataclass
@@ -146,18 +147,36 @@ def run_episodes(cfg: Config, eps, focal, counterparty, choose_emotion=None, per
             progress(sum(ep.done for ep in eps))
 
 
-def _apply(ep, speaker, reply, cfg, perceiver, emotion=None):
+def read_offer(ep, speaker, reply):
+    """The offer `speaker`'s reply makes, as the world reads it: (offer or None, echo). The
+    parser's number, if inside `offer_bounds`; echo = True when a model's message states only
+    the other side's standing offer without accepting it ("22 days is a long way"): that
+    restates their offer and is not read as this side's, which would converge on the spot.
+    Simulated agents' offers are known from their templates, so echo applies to model-written
+    text only."""
     other = "counterparty" if speaker == "focal" else "focal"
     parsed = parse_offer(reply.text, ep.dom.unit)
     lo, hi = offer_bounds(ep.sc)
     offer = parsed if parsed is not None and lo <= parsed <= hi else None
-    turn = {"speaker": speaker, "text": reply.text}
     if reply.free_text and not reply.accept and offer is not None and offer == ep.offers[other]:
-        # a model's message whose only (or last) number is the other side's standing offer,
-        # without accepting it ("22 days is a long way"), restates that offer: it is not read as
-        # this side's offer, which would converge on the spot. Simulated agents' offers are
-        # known from their templates, so this is applied to model-written text only.
-        offer, turn["echo"] = None, True
+        return None, True
+    return offer, False
+
+
+def realizes(ep, reply, move):
+    """Does a focal reply do the planned move, as the world will read it (`move_followed`)?"""
+    offer, _ = read_offer(ep, "focal", reply)
+    return bool(move_followed({"plan": move, "offer": offer, "accept": reply.accept}))
+
+
+def _apply(ep, speaker, reply, cfg, perceiver, emotion=None):
+    other = "counterparty" if speaker == "focal" else "focal"
+    offer, echo = read_offer(ep, speaker, reply)
+    turn = {"speaker": speaker, "text": reply.text}
+    if echo:
+        turn["echo"] = True
+    if reply.drafts > 1:
+        turn["drafts"] = reply.drafts
     if speaker == "focal":
         turn["emotion"] = emotion
         turn["perceived"] = perceiver(reply.text)
@@ -546,12 +565,21 @@ def _clean_reply(text):
 
 class LMAgent:
     """A Hugging Face causal LM speaking for `role`, all live episodes in one batched
-    `generate` call (left padding). Accept / walk-away are read from the text."""
+    `generate` call (left padding). Accept / walk-away are read from the text.
+
+    redrafts: with planned offers, a focal reply that does not do the planned move as the world
+    reads it (`realizes`: the same parser and echo rule) is written again, sampled at
+    `redraft_temperature`, up to this many times; the first redraft that does the move is
+    played, else the first draft (the greedy one, when the agent decodes greedily). Every
+    reply played is the model's own text; the turn records how many it wrote (`drafts`), so the
+    first draft's fidelity stays countable."""
 
     def __init__(self, model, tokenizer, cfg: Config, role="focal", temperature=0.7, top_p=0.9,
-                 max_new_tokens=48, batch_size=32, emotion_free=False, seed=0, kv_cache=None, offers="planned"):
+                 max_new_tokens=48, batch_size=32, emotion_free=False, seed=0, kv_cache=None, offers="planned",
+                 redrafts=0, redraft_temperature=0.7):
         self.model, self.tok, self.cfg, self.role, self.offers = model, tokenizer, cfg, role, offers
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.redrafts, self.redraft_temperature = redrafts, redraft_temperature
         self.batch_size, self.emotion_free, self.seed, self.calls = batch_size, emotion_free, seed, 0
         self.generated_tokens, self.prompt_tokens, self.reused_tokens, self.gen_seconds = 0, 0, 0, 0.0
         self.tok.padding_side = "left"
@@ -573,10 +601,11 @@ class LMAgent:
                                              add_generation_prompt=True, tokenize=False)
                 for ep, emo in zip(eps, emotions)]
 
-    def generate(self, texts):
+    def generate(self, texts, temperature=None):
         import torch
         self.calls += 1
         torch.manual_seed(self.seed * 100003 + self.calls)
+        temperature = self.temperature if temperature is None else temperature
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together
         out = [None] * len(texts)
         dev = next(self.model.parameters()).device
@@ -585,8 +614,8 @@ class LMAgent:
             enc = self.tok([texts[i] for i in idx], return_tensors="pt", padding=True,
                            add_special_tokens=False).to(dev)
             t0 = time.time()
-            sampling = (dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-                        if self.temperature > 0 else dict(do_sample=False))
+            sampling = (dict(do_sample=True, temperature=temperature, top_p=self.top_p)
+                        if temperature > 0 else dict(do_sample=False))
             with torch.inference_mode():
                 gen = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens,
                                           pad_token_id=self.tok.pad_token_id)
@@ -598,11 +627,12 @@ class LMAgent:
                 out[i] = self.tok.decode(row, skip_special_tokens=True)
         return out
 
-    def generate_cached(self, eps, texts):
+    def generate_cached(self, eps, texts, temperature=None):
         """Like generate(), through decode.KVDecoder, with each episode's key/value cache
         kept in ep.private between turns so only new prompt tokens are run."""
         import torch
         self.calls += 1
+        self.decoder.temperature = self.temperature if temperature is None else temperature
         gen = torch.Generator(device=next(self.model.parameters()).device)
         gen.manual_seed(self.seed * 100003 + self.calls)
         key = f"kv:{self.role}"
@@ -624,12 +654,31 @@ class LMAgent:
                 out[i] = self.tok.decode(t, skip_special_tokens=True)
         return out
 
+    def write(self, eps, prompts, temperature=None):
+        raw = self.generate_cached(eps, prompts, temperature) if self.kv_cache else self.generate(prompts, temperature)
+        texts = [_clean_reply(t) for t in raw]
+        return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t), free_text=True) for t in texts]
+
     def act(self, eps, emotions=None):
         emotions = emotions or [None] * len(eps)
         prompts = self.prompts(eps, emotions)
-        raw = self.generate_cached(eps, prompts) if self.kv_cache else self.generate(prompts)
-        texts = [_clean_reply(t) for t in raw]
-        return [Reply(t, accept=detect_accept(t), walk_away=detect_walk_away(t), free_text=True) for t in texts]
+        replies = self.write(eps, prompts)
+        if self.role != "focal" or self.offers != "planned":
+            return replies
+        missed = [i for i, (ep, r) in enumerate(zip(eps, replies)) if ep.private.get("move")
+                  and not realizes(ep, r, ep.private["move"])]
+        first = list(replies)
+        for draft in range(2, self.redrafts + 2):           # the misses written again, one batch a round
+            if not missed:
+                break
+            again = self.write([eps[i] for i in missed], [prompts[i] for i in missed], self.redraft_temperature)
+            for i, r in zip(missed, again):
+                r.drafts = draft
+                replies[i] = r
+            missed = [i for i in missed if not realizes(eps[i], replies[i], eps[i].private["move"])]
+        for i in missed:                                    # no draft did it: the first one is played
+            first[i].drafts, replies[i] = replies[i].drafts, first[i]
+        return replies
 
 
 class MirroredAgent:

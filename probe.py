@@ -19,12 +19,13 @@ from runs import read_jsonl
 
 
 def probe(out="runs/default", corpus="", adapter="", student="smollm2", states=96, temperature=STUDENT_TEMPERATURE,
-          max_new_tokens=48, offers="planned", move="", domains_file="domains.yaml", seed=0, show=3):
+          max_new_tokens=48, offers="planned", move="", redrafts=0, domains_file="domains.yaml", seed=0, show=3):
     """Offer fidelity, emotion match and judge score of the student on `states` focal turns of `corpus`
     (a seeded random draw). `adapter`: a folder under `out`, or "" for the
     base model. `move`: only the turns whose planned move is this one ("offer" or "accept"; accept
     turns are ~2% of a corpus, too few in a uniform draw to measure). Prints the rates per domain
-    and a few replies; returns the pooled rates."""
+    and a few replies; returns the pooled rates. `redrafts`: rewrites of a reply that missed the
+    planned move (LMAgent); the first draft's fidelity is printed beside the played one's."""
     if move not in ("", "offer", "accept"):
         raise ValueError(f"move must be offer, accept or empty, got '{move}'")
     cfg = load_config(domains_file)
@@ -37,7 +38,7 @@ def probe(out="runs/default", corpus="", adapter="", student="smollm2", states=9
     picks = [pool[i] for i in sorted(rng.choice(len(pool), min(states, len(pool)), replace=False))]
     folder = f"{out}/{adapter}" if adapter else None
     agent = make_agent(student, "focal", cfg, seed, batch_size=64, adapter=folder, offers=offers,
-                       temperature=temperature)
+                       temperature=temperature, redrafts=redrafts)
     agent.max_new_tokens = max_new_tokens
     if getattr(agent, "kv_cache", False):
         agent.decoder.max_new_tokens = max_new_tokens
@@ -53,16 +54,18 @@ def probe(out="runs/default", corpus="", adapter="", student="smollm2", states=9
     for ep, emo, rep in zip(eps, emotions, replies):
         ng._apply(ep, "focal", rep, cfg, perceiver, emo)
     rows = [(ep.dom.key, ng.move_followed(ep.turns[-1]), ep.turns[-1]["perceived"] == emo,
-             ng.judge_reply(cfg, rec, i, rep.text, perceiver))
+             ng.judge_reply(cfg, rec, i, rep.text, perceiver), ng.move_followed(ep.turns[-1]) and rep.drafts == 1)
             for ep, emo, rep, (rec, i) in zip(eps, emotions, replies, picks)]
     for d in sorted({r[0] for r in rows}) + ["all"]:
         sel = [r for r in rows if d in ("all", r[0])]
-        print(f"[probe] {d:9s} n {len(sel):3d}  offer fidelity {np.mean([r[1] for r in sel]):.2f}  "
+        first = f" (first draft {np.mean([r[4] for r in sel]):.2f})" if redrafts else ""
+        print(f"[probe] {d:9s} n {len(sel):3d}  offer fidelity {np.mean([r[1] for r in sel]):.2f}{first}  "
               f"emotion match {np.mean([r[2] for r in sel]):.2f}  judge score {np.mean([r[3] for r in sel]):.2f}")
     for ep, emo in list(zip(eps, emotions))[:show]:
         print(f"[probe] {ng.move_line(ep.dom, ep.turns[-1]['plan'])} ({emo}) -> {ep.turns[-1]['text']!r}")
     return {"offer_fidelity": float(np.mean([r[1] for r in rows])), "emotion_match": float(np.mean([r[2] for r in rows])),
-            "judge_score": float(np.mean([r[3] for r in rows]))}
+            "judge_score": float(np.mean([r[3] for r in rows])),
+            "first_draft_fidelity": float(np.mean([r[4] for r in rows]))}
 
 
 def add_command(command):
@@ -74,4 +77,5 @@ def add_command(command):
             ("--student", dict()), ("--states", dict(type=int)), ("--temperature", dict(type=float)),
             ("--max-new-tokens", dict(type=int)), ("--offers", dict(choices=ng.OFFER_MODES)),
             ("--move", dict(choices=["offer", "accept"], help="only turns with this planned move")),
+            ("--redrafts", dict(type=int, help="rewrites of a reply that missed the planned move")),
             ("--domains-file", dict()), ("--seed", dict(type=int)), ("--show", dict(type=int)))

@@ -80,22 +80,28 @@ def move_outcome(turn):
 
 def move_outcome_lines(results, names):
     """results.md's count of what the planned focal turns did, per method with planned turns:
-    where offer fidelity is lost."""
+    where offer fidelity is lost. "first draft followed": turns whose first reply did the move
+    (no redraft needed); "redrafted": turns the student wrote again (LMAgent.redrafts); the
+    outcome columns count the replies played."""
     rows = []
     for m in names:
         counts = dict.fromkeys(MOVE_OUTCOMES, 0)
+        first = redrafted = 0
         for r in results[m]["records"]:
             for t in r["turns"]:
                 k = move_outcome(t) if t["speaker"] == "focal" else None
                 if k:
                     counts[k] += 1
+                    redrafted += t.get("drafts", 1) > 1
+                    first += move_followed(t) and t.get("drafts", 1) == 1
         if sum(counts.values()):
-            rows.append(f"| {m} | {sum(counts.values())} | " + " | ".join(str(counts[k]) for k in MOVE_OUTCOMES) + " |")
+            rows.append(f"| {m} | {sum(counts.values())} | {first} | {redrafted} | "
+                        + " | ".join(str(counts[k]) for k in MOVE_OUTCOMES) + " |")
     if not rows:
         return []
     return ["## What the planned focal turns did (all domains)", "",
-            "| method | planned turns | " + " | ".join(MOVE_OUTCOMES) + " |",
-            "|---|---|" + "---|" * len(MOVE_OUTCOMES)] + rows + [""]
+            "| method | planned turns | first draft followed | redrafted | " + " | ".join(MOVE_OUTCOMES) + " |",
+            "|---|---|---|---|" + "---|" * len(MOVE_OUTCOMES)] + rows + [""]
 
 
 def summarize(records):

@@ -16,7 +16,8 @@ import emodistill
 import negotiate as ng
 import report
 from domains import EMOTIONS, TEST_IDS, load_config, pick_domains
-from methods import adapter_sha, play, policy_for, side_agent, uses_selector
+from methods import (STUDENT_REDRAFTS, STUDENT_TEMPERATURE, adapter_sha, play, policy_for, side_agent,
+                     uses_selector)
 from models import lm_cost, make_agent
 from report import fmt
 from runs import StageError, domains_sha, parse_ids, progress_bar, read_json, sha, write_json_atomic
@@ -318,10 +319,12 @@ def _transfer_adapters(cfg, out, domains_file, side, doms, models, lines, studen
         settings = {"adapter_sha": sha(os.path.join(adapter, "adapter_model.safetensors")),
                     "selector_sha": sha(selector), "student": student, "lm_batch": lm_batch,
                     "scenarios": ids, "seeds": lm_seeds, "seed": seed, "domains": doms,
-                    "domains_file_sha": domains_sha(domains_file, side)}
+                    "domains_file_sha": domains_sha(domains_file, side), "temperature": STUDENT_TEMPERATURE,
+                    "redrafts": STUDENT_REDRAFTS}
         got = read_json(cache) if os.path.exists(cache) and not force else None
         if got is None or got.get("settings") != settings:
-            agent = make_agent(student, "focal", cfg, seed=seed, batch_size=lm_batch, adapter=adapter)
+            agent = make_agent(student, "focal", cfg, seed=seed, batch_size=lm_batch, adapter=adapter,
+                               temperature=STUDENT_TEMPERATURE, redrafts=STUDENT_REDRAFTS)
             print(f"[study-transfer] {row}: student + adapter {adapter} on {len(ids)} held-out scenarios "
                   f"x {lm_seeds} seeds of {len(doms)} domains")
             recs = play(cfg, doms, set(ids), lm_seeds, agent, cp, policy, seed)

@@ -141,8 +141,9 @@ def test_offer_fidelity_on_hand_made_transcripts():
 
 def test_move_outcomes_count_each_planned_turn_once():
     offer34, accept41 = {"move": "offer", "offer": 34.0}, {"move": "accept", "offer": 41.0}
-    turns = [_turn(offer34, 34.0), _turn(accept41, None, accept=True), _turn(offer34, 34.0, accept=True),
-             dict(_turn(offer34, None), echo=True), _turn(offer34, None), _turn(offer34, 36.0),
+    turns = [_turn(offer34, 34.0), dict(_turn(accept41, None, accept=True), drafts=2),
+             _turn(offer34, 34.0, accept=True), dict(_turn(offer34, None), echo=True), _turn(offer34, None),
+             dict(_turn(offer34, 36.0), drafts=3),
              dict(_turn(accept41, None), echo=True), _turn(accept41, 30.0),
              {"speaker": "focal", "text": "no plan", "offer": 20.0, "accept": False}]
     assert [report.move_outcome(t) for t in turns] == list(report.MOVE_OUTCOMES) + [None]
@@ -150,7 +151,8 @@ def test_move_outcomes_count_each_planned_turn_once():
     lines = report.move_outcome_lines({"emodistill": {"records": [rec, rec]},
                                        "teacher-iql": {"records": [{"domain": "crad", "turns": turns[-1:]}]}},
                                       ["emodistill", "teacher-iql"])
-    assert lines[4] == "| emodistill | 16 | 2 | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"
+    # 16 turns, 2 followed at the first draft, 4 redrafted (one followed, one not), then the outcomes
+    assert lines[4] == "| emodistill | 16 | 2 | 4 | 2 | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"
     assert len(lines) == 6                                       # no row for a method without planned turns
 
 
@@ -188,3 +190,73 @@ def test_the_judge_pays_for_stating_the_planned_move(cfg):
         r["turns"][i]["offer"] = parse_offer(text, unit)
         judged[name] = next(j for j in ng.judge_record(r, cfg) if j["turn"] == i)["components"]["offer"]
     assert judged == {"planned": 1.0, "other": 0.5}
+
+
+class ScriptedLM(ng.LMAgent):
+    """An LMAgent without a model: each episode's drafts come from a script, in order; records
+    (rows, temperature) of every batched write."""
+
+    def __init__(self, cfg, script, redrafts, role="focal", offers="planned"):
+        self.cfg, self.role, self.offers, self.emotion_free = cfg, role, offers, False
+        self.redrafts, self.redraft_temperature = redrafts, 0.7
+        self.script, self.rounds = script, []
+
+    def prompts(self, eps, emotions):
+        return [str(i) for i in range(len(eps))]          # the episode's index into the script
+
+    def write(self, eps, prompts, temperature=None):
+        self.rounds.append((len(eps), temperature))
+        texts = [self.script[int(p)].pop(0) for p in prompts]
+        return [ng.Reply(t, accept=ng.detect_accept(t), free_text=True) for t in texts]
+
+
+def _redraft_episodes(cfg):
+    eps = _episodes(cfg, 3)
+    for ep, move in zip(eps, [{"move": "offer", "offer": 34.0}, {"move": "offer", "offer": 34.0},
+                              {"move": "accept", "offer": 41.0}]):
+        ep.offers = {"focal": 30.0, "counterparty": 41.0}
+        ep.private["move"] = move
+    return eps
+
+
+def test_a_reply_that_misses_the_planned_move_is_redrafted_and_counted(cfg):
+    script = [["I can do 34 days."],                                      # done at once: never redrafted
+              ["41 days is a lot.", "Maybe 35 days.", "Fine, I can do 34 days."],   # an echo, another number, done
+              ["41 days is what we need.", "Still 41 days.", "No."]]     # told to accept; never does
+    agent = ScriptedLM(cfg, [list(s) for s in script], redrafts=2)
+    eps = _redraft_episodes(cfg)
+    replies = agent.act(eps, ["anger"] * 3)
+    assert agent.rounds == [(3, None), (2, 0.7), (2, 0.7)]              # greedy first, then sampled rewrites
+    assert [r.text for r in replies] == ["I can do 34 days.", "Fine, I can do 34 days.", "41 days is what we need."]
+    assert [r.drafts for r in replies] == [1, 3, 3]
+    for ep, r in zip(eps, replies):
+        ng._apply(ep, "focal", r, cfg, ng.Perceiver(cfg.emotions), "anger")
+    assert [ng.move_followed(ep.turns[-1]) for ep in eps] == [True, True, False]
+    assert [ep.turns[-1].get("drafts", 1) for ep in eps] == [1, 3, 3]
+    # no redrafts: the first drafts are played as written, the echo included
+    agent = ScriptedLM(cfg, [list(s) for s in script], redrafts=0)
+    assert [r.text for r in agent.act(_redraft_episodes(cfg), ["anger"] * 3)] == [s[0] for s in script]
+    assert agent.rounds == [(3, None)]
+    # nothing to follow: another role, or offers the model picks itself
+    for kw in (dict(role="counterparty"), dict(offers="free")):
+        agent = ScriptedLM(cfg, [list(s) for s in script], redrafts=2, **kw)
+        agent.act(_redraft_episodes(cfg), ["anger"] * 3)
+        assert agent.rounds == [(3, None)]
+
+
+def test_redrafts_sample_through_the_key_value_decoder(cfg, tiny_lm):
+    """A random tiny model never states the planned number: every focal turn is written
+    1 + redrafts times, the rewrites sampled, the first drafts still greedy and reproducible."""
+    model, tok = tiny_lm
+    texts = []
+    for _ in range(2):
+        agent = ng.LMAgent(model, tok, cfg, temperature=0, max_new_tokens=4, redrafts=1)
+        assert agent.kv_cache
+        eps = _redraft_episodes(cfg)
+        replies = agent.act(eps, ["anger"] * 3)
+        assert [r.drafts for r in replies] == [2, 2, 2]
+        assert agent.decoder.temperature == 0.7 and agent.calls == 2
+        agent.write(eps, agent.prompts(eps, ["anger"] * 3))
+        assert agent.decoder.temperature == 0                          # a first draft is greedy again
+        texts.append([r.text for r in replies])
+    assert texts[0] == texts[1]
