@@ -1,11 +1,11 @@
 # lanes.sh: the stages of train.sh up to eval, in two lanes side by side (JOBS=2). Sourced by
 # train.sh, whose stage functions (collect, judge, ..., eval_some) it only orders and schedules.
 #
-# Lane a: collect, judge, summary, iql, sft, jpo, then the eval rows iql and iql+sft. Lane b:
-# the eval row vanilla (it needs nothing trained), then, once lane a has made iql.pt, the
-# emotion-free sft and jpo, then the rows emodistill (once lane a's jpo is done),
-# jpo-emotion-free and the other methods (teacher-* rows, any extra ones in METHODS). The split
-# gives the two lanes about the same work. Each lane gets half the cores (on 2 cores that is
+# Lane a: collect, judge, summary, iql, sft, jpo, then the eval rows iql and iql+sft and the
+# other methods (teacher-* rows, any extra ones in METHODS). Lane b: the eval row vanilla (it
+# needs nothing trained), then, once lane a has made iql.pt, the emotion-free sft and jpo, then
+# the rows emodistill (once lane a's jpo is done) and jpo-emotion-free. The split gives the two
+# lanes about the same work. Each lane gets half the cores (on 2 cores that is
 # ~15% more work done per second than one stage with both cores); a lane's output goes to
 # $RUN/logs/lane-{a,b}.log, its stage lines to the terminal. Lane b waits for lane a's stages
 # through the files $RUN/logs/<stage>.done.
@@ -22,6 +22,7 @@ lane_a() {
   jpo
   touch "$RUN/logs/jpo.done"
   eval_some iql,iql+sft
+  eval_others
 }
 wait_for() {  # wait_for STAGE: until lane a has finished STAGE; fail if lane a stopped first
   until [ -e "$RUN/logs/$1.done" ]; do
@@ -38,7 +39,6 @@ lane_b() {
   jpo_emotion_free
   wait_for jpo                              # emodistill evaluates lane a's JPO adapter
   eval_some emodistill,jpo-emotion-free
-  eval_others
 }
 
 THREADS=$(( $(nproc) / 2 )); [ "$THREADS" -ge 1 ] || THREADS=1
