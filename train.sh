@@ -18,7 +18,7 @@ if [ "$PROFILE" = "paper" ]; then
   D_TRANSFER_LM=1
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,random,best-fixed,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free
 elif [ "$PROFILE" = "quick" ]; then
-  D_SEEDS=50; D_STEPS=10000; D_SFT_MAX=256; D_SFT_EPOCHS=3; D_JPO_SCEN=4; D_JPO_GROUP=4; D_JPO_EPOCHS=1
+  D_SEEDS=50; D_STEPS=10000; D_SFT_MAX=256; D_SFT_EPOCHS=2; D_JPO_SCEN=4; D_JPO_GROUP=4; D_JPO_EPOCHS=1
   D_MICRO=2; D_ACCUM=4; D_JOBS=auto
   D_EVAL_SEEDS=1; D_RUN=runs/default; D_STUDIES=; D_TOURNEY_SCEN=5; D_TRANSFER_LM=0
   D_METHODS=teacher-random,teacher-best-fixed,teacher-iql,vanilla,iql,iql+sft,emodistill,jpo-emotion-free
@@ -96,7 +96,8 @@ summary() { $PY emodistill.py summary --out "$RUN"; }
 iql() { stage iql $PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLAG; }
 # LoRA (r=16 on q,k,v,o) on the student, imitating the focal turns with the top 10% IQL
 # advantage, the prompt exactly as at inference, loss on the response only. quick: a sample of
-# SFT_MAX of them, 3 epochs, ~100 training tokens/s on one core (87 steps, ~27 min in runs/v9). -> $RUN/sft/
+# SFT_MAX of them, 2 epochs (3 follow the plan a little better and do not fit in 45 minutes, notebook
+# entry 38), ~100 training tokens/s on one core (58 steps, ~17 min). -> $RUN/sft/
 sft() {
   stage sft $PY emodistill.py sft --out "$RUN" --offers "$OFFERS" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
     --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
