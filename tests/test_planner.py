@@ -221,12 +221,12 @@ def _redraft_episodes(cfg):
 
 def test_a_reply_that_misses_the_planned_move_is_redrafted_and_counted(cfg):
     script = [["I can do 34 days."],                                      # done at once: never redrafted
-              ["41 days is a lot.", "Maybe 35 days.", "Fine, I can do 34 days."],   # an echo, another number, done
+              ["41 days is a lot.", "Maybe 35 days.", "Fine, I can do 34 days."],   # an echo; another number, done
               ["41 days is what we need.", "Still 41 days.", "No."]]     # told to accept; never does
     agent = ScriptedLM(cfg, [list(s) for s in script], redrafts=2)
     eps = _redraft_episodes(cfg)
     replies = agent.act(eps, ["anger"] * 3)
-    assert agent.rounds == [(3, None), (2, 0.7), (2, 0.7)]              # greedy first, then sampled rewrites
+    assert agent.rounds == [(3, None), (4, 0.7)]       # greedy first, then the misses x 2, sampled, in one call
     assert [r.text for r in replies] == ["I can do 34 days.", "Fine, I can do 34 days.", "41 days is what we need."]
     assert [r.drafts for r in replies] == [1, 3, 3]
     for ep, r in zip(eps, replies):
@@ -246,17 +246,28 @@ def test_a_reply_that_misses_the_planned_move_is_redrafted_and_counted(cfg):
 
 def test_redrafts_sample_through_the_key_value_decoder(cfg, tiny_lm):
     """A random tiny model never states the planned number: every focal turn is written
-    1 + redrafts times, the rewrites sampled, the first drafts still greedy and reproducible."""
+    1 + redrafts times, the rewrites sampled in one call, the first drafts (played, since no
+    draft did the move) greedy; all of it reproducible."""
     model, tok = tiny_lm
-    texts = []
+    seen = []
     for _ in range(2):
-        agent = ng.LMAgent(model, tok, cfg, temperature=0, max_new_tokens=4, redrafts=1)
+        agent = ng.LMAgent(model, tok, cfg, temperature=0, max_new_tokens=4, redrafts=2)
         assert agent.kv_cache
+        written, write = [], agent.write
+
+        def recording(eps, prompts, temperature=None, write=write, written=written):
+            out = write(eps, prompts, temperature)
+            written.append((temperature, [r.text for r in out]))
+            return out
+        agent.write = recording
         eps = _redraft_episodes(cfg)
         replies = agent.act(eps, ["anger"] * 3)
-        assert [r.drafts for r in replies] == [2, 2, 2]
-        assert agent.decoder.temperature == 0.7 and agent.calls == 2
+        assert [r.drafts for r in replies] == [3, 3, 3] and agent.calls == 2
+        (t1, greedy), (t2, sampled) = written
+        assert t1 is None and t2 == 0.7 and len(sampled) == 6
+        assert [r.text for r in replies] == greedy                    # no draft did the move: the first is played
+        assert sampled != [g for g in greedy for _ in range(2)]       # the redrafts were sampled, not greedy again
         agent.write(eps, agent.prompts(eps, ["anger"] * 3))
         assert agent.decoder.temperature == 0                          # a first draft is greedy again
-        texts.append([r.text for r in replies])
-    assert texts[0] == texts[1]
+        seen.append(written)
+    assert seen[0] == seen[1]
