@@ -149,8 +149,9 @@ def write_results(out, eval_dir, results, names, doms, best, seeds, seed, split,
                      f"{fmt(s['offer_fidelity'], True)} |")
     lines += ["", "offer in range: share of the focal turns whose offer parses and lies between the two openings; "
               "emotion match: share of emotion-conditioned focal turns whose perceived emotion (cue lexicon) is the "
-              "requested one; offer fidelity: share of planned focal turns that did the planner's move (stated "
-              "its number, or accepted when told to; with --offers free the prompt does not name the move, so this "
+              "requested one; offer fidelity: share of planned focal turns whose played reply did the planner's "
+              "move (stated its number, or accepted when told to; a trained student may redraft a reply that "
+              "missed, and the next table counts the turns done at the first draft; with --offers free the prompt does not name the move, so this "
               "is how often the model chose the planner's number). All are per-episode shares averaged over "
               "episodes.", ""]
     lines += move_outcome_lines(results, names)
@@ -188,8 +189,10 @@ PAPER_ORDERINGS = [("emodistill", "iql+sft", False), ("iql+sft", "iql", False), 
 def ordering_lines(results, methods, domains):
     """results.md's check of the paper's orderings: for each pair whose two rows ran, the mean
     utility difference per domain and pooled, with a paired 95% bootstrap CI (same scenarios,
-    seeds and counterparty), and in how many domains the ordering holds in the means. A
-    difference whose CI covers 0 is not evidence either way."""
+    seeds and counterparty), and in how many domains the ordering holds in the means. A domain
+    whose mean difference is exactly 0 (both rows alike on every episode, e.g. no deal in either)
+    is a tie: counted apart, never as a domain where the ordering holds. A difference whose CI
+    covers 0 is not evidence either way."""
     pairs = [(a, b, strict) for a, b, strict in PAPER_ORDERINGS if a in methods and b in methods]
     if not pairs:
         return []
@@ -198,17 +201,21 @@ def ordering_lines(results, methods, domains):
              "|---|" + "---|" * (len(domains) + 2)]
     for a, b, strict in pairs:
         ra, rb = results[a]["records"], results[b]["records"]
-        cells, holds = [], 0
+        cells, holds, ties = [], 0, 0
         for d in domains:
             m, lo, hi, n = paired_diff_ci([r for r in ra if r["domain"] == d], [r for r in rb if r["domain"] == d])
-            holds += n > 0 and (m > 0 if strict else m >= 0)
-            cells.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" if n else "-")
+            tie = n > 0 and abs(m) < 1e-12
+            ties += tie
+            holds += n > 0 and not tie and m > 0
+            cells.append(("tie " if tie else "") + f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" if n else "-")
         m, lo, hi, n = paired_diff_ci(ra, rb)
+        tied = f" ({ties} tie{'s' if ties > 1 else ''})" if ties else ""
         lines.append(f"| {a} {'>' if strict else '≥'} {b} | " + " | ".join(cells)
-                     + f" | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | {holds} of {len(domains)} |")
+                     + f" | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | {holds} of {len(domains)}{tied} |")
     return lines + ["", "Each cell: mean of (left - right) utility over the episodes both rows played, the same "
-                    "scenario and seed; an ordering holds in a domain when that mean is >= 0 (> 0 for the strict "
-                    "one). A CI that covers 0 means the two rows are not told apart at this sample size.", ""]
+                    "scenario and seed; an ordering holds in a domain when that mean is > 0. A mean of exactly 0 "
+                    "(the two rows alike on every episode) is a tie, counted apart and not as holding, for >= "
+                    "too. A CI that covers 0 means the two rows are not told apart at this sample size.", ""]
 
 
 def plots(folder, results, methods, domains, selector_methods):
