@@ -569,9 +569,8 @@ class LMAgent:
 
     redrafts: with planned offers, a focal reply that does not do the planned move as the world
     reads it (`realizes`: the same parser and echo rule) is written again this many times,
-    sampled at `redraft_temperature`, all in one batched call (a few rows decode about as fast
-    as one on a CPU, so one round of R samples costs about what one round of one sample does);
-    the first of them that does the move is played, else the first draft (the greedy one, when
+    sampled at `redraft_temperature`, all in one batched call (one round instead of up to R;
+    on a CPU a round of a few rows costs nearly what a full batch does); the first of them that does the move is played, else the first draft (the greedy one, when
     the agent decodes greedily). Every reply played is the model's own text; the turn records
     how many were written (`drafts`: 1, or 1 + redrafts), so the first draft's fidelity stays
     countable."""
@@ -665,11 +664,11 @@ class LMAgent:
         emotions = emotions or [None] * len(eps)
         prompts = self.prompts(eps, emotions)
         replies = self.write(eps, prompts)
-        if self.role != "focal" or self.offers != "planned":
+        if self.redrafts < 1 or self.role != "focal" or self.offers != "planned":
             return replies
         missed = [i for i, (ep, r) in enumerate(zip(eps, replies)) if ep.private.get("move")
                   and not realizes(ep, r, ep.private["move"])]
-        if not missed or self.redrafts < 1:
+        if not missed:
             return replies
         rows = [i for i in missed for _ in range(self.redrafts)]     # each miss, redrafts times
         again = self.write([eps[i] for i in rows], [prompts[i] for i in rows], self.redraft_temperature)

@@ -53,9 +53,10 @@ def probe(out="runs/default", corpus="", adapter="", student="smollm2", states=9
     replies = agent.act(eps, emotions)
     for ep, emo, rep in zip(eps, emotions, replies):
         ng._apply(ep, "focal", rep, cfg, perceiver, emo)
-    rows = [(ep.dom.key, ng.move_followed(ep.turns[-1]), ep.turns[-1]["perceived"] == emo,
-             ng.judge_reply(cfg, rec, i, rep.text, perceiver), ng.move_followed(ep.turns[-1]) and rep.drafts == 1)
-            for ep, emo, rep, (rec, i) in zip(eps, emotions, replies, picks)]
+    followed = [ng.move_followed(ep.turns[-1]) for ep in eps]
+    rows = [(ep.dom.key, ok, ep.turns[-1]["perceived"] == emo, ng.judge_reply(cfg, rec, i, rep.text, perceiver),
+             ok and rep.drafts == 1)
+            for ep, emo, rep, (rec, i), ok in zip(eps, emotions, replies, picks, followed)]
     for d in sorted({r[0] for r in rows}) + ["all"]:
         sel = [r for r in rows if d in ("all", r[0])]
         first = f" (first draft {np.mean([r[4] for r in sel]):.2f})" if redrafts else ""

@@ -93,7 +93,7 @@ def move_outcome_lines(results, names):
                 if k:
                     counts[k] += 1
                     redrafted += t.get("drafts", 1) > 1
-                    first += move_followed(t) and t.get("drafts", 1) == 1
+                    first += k.endswith(" followed") and t.get("drafts", 1) == 1
         if sum(counts.values()):
             rows.append(f"| {m} | {sum(counts.values())} | {first} | {redrafted} | "
                         + " | ".join(str(counts[k]) for k in MOVE_OUTCOMES) + " |")
@@ -151,8 +151,8 @@ def write_results(out, eval_dir, results, names, doms, best, seeds, seed, split,
               "emotion match: share of emotion-conditioned focal turns whose perceived emotion (cue lexicon) is the "
               "requested one; offer fidelity: share of planned focal turns whose played reply did the planner's "
               "move (stated its number, or accepted when told to; a trained student may redraft a reply that "
-              "missed, and the next table counts the turns done at the first draft; with --offers free the prompt does not name the move, so this "
-              "is how often the model chose the planner's number). All are per-episode shares averaged over "
+              "missed, and the next table counts the turns done at the first draft; with --offers free the "
+              "prompt does not name the move, so this is how often the model chose the planner's number). All are per-episode shares averaged over "
               "episodes.", ""]
     lines += move_outcome_lines(results, names)
     lines += ordering_lines(results, names, doms)
