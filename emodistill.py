@@ -400,7 +400,7 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
              force=False):
     """Run methods on held-out scenarios (80-99) x seeds; write eval/<method>.json and results.md.
     `redrafts`: how many times a trained student (an adapter row) may rewrite a reply that missed
-    the planned move (methods.STUDENT_REDRAFTS)."""
+    the planned move or the requested emotion (methods.STUDENT_REDRAFTS)."""
     cfg = load_config(domains_file, side=side)
     doms = pick_domains(cfg, domains)
     csv_shas = emomas.use_csv_scenarios(scenarios_csv, cfg, doms, out, scenario_seed, domains_file)
@@ -426,6 +426,8 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
                     "adapter_sha": adapter_sha(out, m)}
         if m in ADAPTER_METHODS and offers == "planned":
             settings["redrafts"] = redrafts
+            if redrafts:
+                settings["redraft_rule"] = ng.REDRAFT_RULE
         if csv_shas:
             settings["scenarios_csv"] = csv_shas
         if os.path.exists(path) and not force:
@@ -577,7 +579,7 @@ def build_parser():
             ("--clip-eps", dict(type=float)), ("--kl-coef", dict(type=float)))
     command("eval", evaluate, "evaluate methods on held-out scenarios", EVAL_FLAGS + ["offers"],
             ("--temperature", dict(type=float, help="the student's sampling temperature (0 = greedy)")),
-            ("--redrafts", dict(type=int, help="rewrites of an adapter row's reply that missed the planned move")),
+            ("--redrafts", dict(type=int, help="rewrites of an adapter row's reply that missed the planned move or emotion")),
             ("--no-report", dict(dest="write_report", action="store_false", help="only write eval/<method>.json "
                                  "(train.sh runs methods side by side this way, then one eval of all writes results.md)")))
     studies.add_commands(command, _positive)

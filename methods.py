@@ -82,10 +82,11 @@ def adapter_sha(out, method):
 # adapter trained on 0-71 (docs/notebook.md, entry 31): greedy stated the planned move in 83% of
 # replies and the requested emotion in 70%, sampling at temperature 0.7 in 62% and 66%.
 STUDENT_TEMPERATURE = 0.0
-# a trained student's reply that does not do the planned move is written this many times more,
-# sampled (LMAgent.redrafts); rows of the base model (vanilla, iql) are played as they are.
-# Chosen on validation scenarios 72-79 (docs/notebook.md, entry 38): with an adapter of 2 SFT epochs,
-# 64 episodes, offer fidelity 0.77 at the first draft, 0.94 with 2 redrafts, 0.97 with 3.
+# a trained student's reply that does not do the planned move, or that the world does not perceive as
+# the requested emotion, is written this many times more, sampled (LMAgent.redrafts); rows of the base
+# model (vanilla, iql) are played as they are. Chosen on validation scenarios 72-79 (docs/notebook.md,
+# entries 38 and 40): with an adapter of 2 SFT epochs, 64 episodes, offer fidelity 0.78 at the first
+# draft and 0.97 played; emotion match 0.78 played when only the move was redrafted, 0.90 with both.
 STUDENT_REDRAFTS = 3
 
 

@@ -65,6 +65,7 @@ class Reply:
     emotion: str | None = None     # the emotion a counterparty-side agent was asked to express (tournament)
     free_text: bool = False        # written by a model (LM, API): its offer is read from the words, see _apply
     drafts: int = 1                # replies the LM wrote for this turn (LMAgent.redrafts), the played one among them
+    first: dict | None = None      # when a redraft was played: what the first draft did, {"move", "emotion"} (bools)
 
 
 @dataclass
@@ -177,6 +178,8 @@ def _apply(ep, speaker, reply, cfg, perceiver, emotion=None):
         turn["echo"] = True
     if reply.drafts > 1:
         turn["drafts"] = reply.drafts
+    if reply.first is not None:
+        turn["first_draft"] = dict(reply.first)
     if speaker == "focal":
         turn["emotion"] = emotion
         turn["perceived"] = perceiver(reply.text)
@@ -563,16 +566,22 @@ def _clean_reply(text):
     return text[:600]
 
 
+# what a redraft is for (LMAgent.redrafts), part of the eval settings so that results of another rule re-run
+REDRAFT_RULE = "move, then emotion"
+
+
 class LMAgent:
     """A Hugging Face causal LM speaking for `role`, all live episodes in one batched
     `generate` call (left padding). Accept / walk-away are read from the text.
 
-    redrafts: with planned offers, a focal reply that does not do the planned move as the world
-    reads it (`realizes`: the same parser and echo rule) is written again this many times,
-    sampled at `redraft_temperature`, all in one batched call (one round instead of up to R;
-    on a CPU a round of a few rows costs nearly what a full batch does); the first of them that does the move is played, else the first draft (the greedy one, when
-    the agent decodes greedily). Every reply played is the model's own text; the turn records
-    how many were written (`drafts`: 1, or 1 + redrafts), so the first draft's fidelity stays
+    redrafts: with planned offers, a focal reply that misses the planned move as the world reads
+    it (`realizes`: the same parser and echo rule), or whose words the world does not perceive as
+    the requested emotion (the same `Perceiver`), is written again this many times, sampled at
+    `redraft_temperature`, all in one batched call. The draft played is the first that does both,
+    else the first that does the move, else the first draft (the greedy one when the agent decodes
+    greedily): the move counts before the emotion. Every reply played is the model's own text; the
+    turn records how many were written (`drafts`: 1, or 1 + redrafts) and, when a redraft was
+    played, what the first draft did (`first`), so first-draft fidelity and emotion match stay
     countable."""
 
     def __init__(self, model, tokenizer, cfg: Config, role="focal", temperature=0.7, top_p=0.9,
@@ -666,17 +675,40 @@ class LMAgent:
         replies = self.write(eps, prompts)
         if self.redrafts < 1 or self.role != "focal" or self.offers != "planned":
             return replies
-        missed = [i for i, (ep, r) in enumerate(zip(eps, replies)) if ep.private.get("move")
-                  and not realizes(ep, r, ep.private["move"])]
+        wanted = [None if self.emotion_free else e for e in emotions]
+        graded = [self.grade(ep, r, e) for ep, r, e in zip(eps, replies, wanted)]
+        missed = [i for i, g in enumerate(graded) if g is not None and not all(v for v in g.values() if v is not None)]
         if not missed:
             return replies
         rows = [i for i in missed for _ in range(self.redrafts)]     # each miss, redrafts times
         again = self.write([eps[i] for i in rows], [prompts[i] for i in rows], self.redraft_temperature)
         for k, i in enumerate(missed):
             tries = again[k * self.redrafts:(k + 1) * self.redrafts]
-            replies[i] = next((r for r in tries if realizes(eps[i], r, eps[i].private["move"])), replies[i])
-            replies[i].drafts = 1 + self.redrafts
+            first, best, rank = replies[i], replies[i], self._rank(graded[i])
+            for r in tries:                  # the first draft keeps its place unless a rewrite ranks higher
+                g = self.grade(eps[i], r, wanted[i])
+                if self._rank(g) > rank:
+                    best, rank = r, self._rank(g)
+            replies[i] = best
+            best.drafts = 1 + self.redrafts
+            if best is not first:
+                best.first = graded[i]
         return replies
+
+    def grade(self, ep, reply, emotion):
+        """What a planned focal draft does as the world reads it: {"move": did the planned move,
+        "emotion": perceived as `emotion` (None when no emotion was requested)}; None without a plan."""
+        move = ep.private.get("move")
+        if move is None:
+            return None
+        if not hasattr(self, "_perceive"):
+            self._perceive = Perceiver(self.cfg.emotions)
+        return {"move": realizes(ep, reply, move),
+                "emotion": None if emotion is None else self._perceive(reply.text) == emotion}
+
+    @staticmethod
+    def _rank(g):                            # the move first, then the emotion
+        return 2 * g["move"] + bool(g["emotion"])
 
 
 class MirroredAgent:

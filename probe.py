@@ -55,18 +55,20 @@ def probe(out="runs/default", corpus="", adapter="", student="smollm2", states=9
         ng._apply(ep, "focal", rep, cfg, perceiver, emo)
     followed = [ng.move_followed(ep.turns[-1]) for ep in eps]
     rows = [(ep.dom.key, ok, ep.turns[-1]["perceived"] == emo, ng.judge_reply(cfg, rec, i, rep.text, perceiver),
-             ok and rep.drafts == 1)
+             rep.first["move"] if rep.first else ok,
+             rep.first["emotion"] if rep.first else ep.turns[-1]["perceived"] == emo)
             for ep, emo, rep, (rec, i), ok in zip(eps, emotions, replies, picks, followed)]
     for d in sorted({r[0] for r in rows}) + ["all"]:
         sel = [r for r in rows if d in ("all", r[0])]
-        first = f" (first draft {np.mean([r[4] for r in sel]):.2f})" if redrafts else ""
+        first, first_e = ((f" (first draft {np.mean([r[k] for r in sel]):.2f})" if redrafts else "") for k in (4, 5))
         print(f"[probe] {d:9s} n {len(sel):3d}  offer fidelity {np.mean([r[1] for r in sel]):.2f}{first}  "
-              f"emotion match {np.mean([r[2] for r in sel]):.2f}  judge score {np.mean([r[3] for r in sel]):.2f}")
+              f"emotion match {np.mean([r[2] for r in sel]):.2f}{first_e}  judge score {np.mean([r[3] for r in sel]):.2f}")
     for ep, emo in list(zip(eps, emotions))[:show]:
         print(f"[probe] {ng.move_line(ep.dom, ep.turns[-1]['plan'])} ({emo}) -> {ep.turns[-1]['text']!r}")
     return {"offer_fidelity": float(np.mean([r[1] for r in rows])), "emotion_match": float(np.mean([r[2] for r in rows])),
             "judge_score": float(np.mean([r[3] for r in rows])),
-            "first_draft_fidelity": float(np.mean([r[4] for r in rows]))}
+            "first_draft_fidelity": float(np.mean([r[4] for r in rows])),
+            "first_draft_emotion_match": float(np.mean([r[5] for r in rows]))}
 
 
 def add_command(command):

@@ -80,28 +80,35 @@ def move_outcome(turn):
 
 def move_outcome_lines(results, names):
     """results.md's count of what the planned focal turns did, per method with planned turns:
-    where offer fidelity is lost. "first draft followed": turns whose first reply did the move
-    (no redraft needed); "redrafted": turns the student wrote again (LMAgent.redrafts); the
-    outcome columns count the replies played."""
+    where offer fidelity is lost. "first draft followed" / "first draft emotion": turns whose
+    first reply did the move / was perceived as the requested emotion (of the turns that asked
+    for one), whichever draft was played; "redrafted": turns the student wrote again
+    (LMAgent.redrafts); the outcome columns count the replies played."""
     rows = []
     for m in names:
         counts = dict.fromkeys(MOVE_OUTCOMES, 0)
-        first = redrafted = 0
+        first = first_emo = asked = redrafted = 0
         for r in results[m]["records"]:
             for t in r["turns"]:
                 k = move_outcome(t) if t["speaker"] == "focal" else None
                 if k:
                     counts[k] += 1
                     redrafted += t.get("drafts", 1) > 1
-                    first += k.endswith(" followed") and t.get("drafts", 1) == 1
+                    fd = t.get("first_draft")                  # recorded when a rewrite was played
+                    first += fd["move"] if fd else k.endswith(" followed")
+                    if t.get("emotion"):
+                        asked += 1
+                        first_emo += fd["emotion"] if fd else t.get("perceived") == t["emotion"]
         if sum(counts.values()):
-            rows.append(f"| {m} | {sum(counts.values())} | {first} | {redrafted} | "
+            emo = f"{first_emo} of {asked}" if asked else "-"
+            rows.append(f"| {m} | {sum(counts.values())} | {first} | {emo} | {redrafted} | "
                         + " | ".join(str(counts[k]) for k in MOVE_OUTCOMES) + " |")
     if not rows:
         return []
     return ["## What the planned focal turns did (all domains)", "",
-            "| method | planned turns | first draft followed | redrafted | " + " | ".join(MOVE_OUTCOMES) + " |",
-            "|---|---|---|---|" + "---|" * len(MOVE_OUTCOMES)] + rows + [""]
+            "| method | planned turns | first draft followed | first draft emotion | redrafted | "
+            + " | ".join(MOVE_OUTCOMES) + " |",
+            "|---|---|---|---|---|" + "---|" * len(MOVE_OUTCOMES)] + rows + [""]
 
 
 def summarize(records):

@@ -222,7 +222,8 @@ def tournament(out="runs/default", cp_run=None, domains_file="domains.yaml", sid
 
 def study_transfer(out="runs/default", domains_file="domains.yaml", side="focal", domains=ALL_DOMAINS, steps=5000,
                    seeds=5, seed=0, adapters=False, student="smollm2", lm_scenarios=5, lm_seeds=1,
-                   sft_max_examples=16, sft_epochs=2.0, lm_batch=128, on_bad_line="error", force=False):
+                   sft_max_examples=16, sft_epochs=2.0, lm_batch=128, redrafts=STUDENT_REDRAFTS, on_bad_line="error",
+                   force=False):
     """Cross-domain transfer of the emotion selector: one IQL selector per domain, trained on
     that domain's part of the judged corpus only, then played (SimTeacher as expresser, sim
     counterparty) on the held-out scenarios of every domain. On a foreign domain the selector
@@ -283,7 +284,8 @@ def study_transfer(out="runs/default", domains_file="domains.yaml", side="focal"
     lm_util = None
     if adapters:
         lm_util = _transfer_adapters(cfg, out, domains_file, side, doms, models, lines, student, lm_scenarios,
-                                     lm_seeds, sft_max_examples, sft_epochs, lm_batch, seed, on_bad_line, force)
+                                     lm_seeds, sft_max_examples, sft_epochs, lm_batch, redrafts, seed, on_bad_line,
+                                     force)
     path = report.study_section(out, "transfer", lines)
     write_json_atomic(os.path.join(folder, "transfer.json"), {"utility": util, "seeds": seeds, "steps": steps,
                                                               "lm_utility": lm_util})
@@ -292,7 +294,7 @@ def study_transfer(out="runs/default", domains_file="domains.yaml", side="focal"
 
 
 def _transfer_adapters(cfg, out, domains_file, side, doms, models, lines, student, lm_scenarios, lm_seeds,
-                       sft_max_examples, sft_epochs, lm_batch, seed, on_bad_line, force):
+                       sft_max_examples, sft_epochs, lm_batch, redrafts, seed, on_bad_line, force):
     """The student's side of transfer: per domain an SFT adapter trained on that domain's top
     turns (ranked by that domain's selector), then selector + adapter (the iql+sft method) played
     by the student on the first `lm_scenarios` held-out scenarios of every domain. Each adapter
@@ -320,11 +322,11 @@ def _transfer_adapters(cfg, out, domains_file, side, doms, models, lines, studen
                     "selector_sha": sha(selector), "student": student, "lm_batch": lm_batch,
                     "scenarios": ids, "seeds": lm_seeds, "seed": seed, "domains": doms,
                     "domains_file_sha": domains_sha(domains_file, side), "temperature": STUDENT_TEMPERATURE,
-                    "redrafts": STUDENT_REDRAFTS}
+                    "redrafts": redrafts, "redraft_rule": ng.REDRAFT_RULE}
         got = read_json(cache) if os.path.exists(cache) and not force else None
         if got is None or got.get("settings") != settings:
             agent = make_agent(student, "focal", cfg, seed=seed, batch_size=lm_batch, adapter=adapter,
-                               temperature=STUDENT_TEMPERATURE, redrafts=STUDENT_REDRAFTS)
+                               temperature=STUDENT_TEMPERATURE, redrafts=redrafts)
             print(f"[study-transfer] {row}: student + adapter {adapter} on {len(ids)} held-out scenarios "
                   f"x {lm_seeds} seeds of {len(doms)} domains")
             recs = play(cfg, doms, set(ids), lm_seeds, agent, cp, policy, seed)
@@ -360,7 +362,9 @@ def add_commands(command, positive):
                                     "(from 20; LM play costs minutes)")),
             ("--lm-seeds", dict(type=positive, help="seeds per scenario in each --adapters cell")),
             ("--sft-max-examples", dict(type=positive, help="SFT examples per domain adapter")),
-            ("--sft-epochs", dict(type=float)))
+            ("--sft-epochs", dict(type=float)),
+            ("--redrafts", dict(type=int, help="rewrites of the student's reply that missed the planned move or "
+                                "emotion (adapter cells)")))
     command("tournament", tournament, "trained focal methods vs trained counterparty-side methods",
             ["out", "run", "seed", "domains", "student", "lm_batch"],
             ("--cp-run", dict(required=True, help="run folder of the counterparty side (made with --side counterparty)")),

@@ -46,6 +46,8 @@ JOBS=${JOBS:-$D_JOBS}                     # 2 = two lanes side by side, each wit
                                           # a CPU machine with >= 2 cores, 1 with a GPU); 1 = one at a time
 EVAL_SEEDS=${EVAL_SEEDS:-$D_EVAL_SEEDS}   # seeds per held-out scenario (20 scenarios x 4 domains each)
 EVAL_BATCH=${EVAL_BATCH:-128}           # LM episodes decoded together in eval (80 held-out episodes fit in one)
+REDRAFTS=${REDRAFTS:-}                    # an adapter row's reply that missed the planned move or the emotion is
+                                          # written this many times more; empty: methods.STUDENT_REDRAFTS (3)
 METHODS=${METHODS:-$D_METHODS}            # eval methods (quick leaves out the slow LM rows random,
                                           # best-fixed and sft-emotion-free; their teacher-* rows stay)
 STUDIES=${STUDIES:-$D_STUDIES}            # optional studies after eval: emotions,transfer,counterparties,tournament
@@ -70,7 +72,7 @@ LANE_ROWS=vanilla,iql,iql+sft,emodistill,jpo-emotion-free              # the eva
 others() {  # the methods of METHODS that are not lane rows, comma-separated
   local out="" m; for m in ${METHODS//,/ }; do member "$m" "$LANE_ROWS" || out="$out${out:+,}$m"; done; echo "$out"
 }
-EVAL=(--out "$RUN" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" --student "$STUDENT" --offers "$OFFERS")
+EVAL=(--out "$RUN" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" --student "$STUDENT" --offers "$OFFERS" ${REDRAFTS:+--redrafts "$REDRAFTS"})
 eval_some() {  # eval_some LIST [NAME]: evaluate the methods of LIST that are in METHODS (results
                # cached in $RUN/eval/), no report; the stage is called NAME or "eval <methods>"
   local ms="" m; for m in ${1//,/ }; do member "$m" "$METHODS" && ms="$ms${ms:+,}$m"; done
@@ -141,7 +143,7 @@ study_emotions() {
 # TRANSFER_LM=1 also an SFT adapter per domain and the student with selector + adapter on 10
 # held-out scenarios of every domain (~28 min more at STEPS=10000)
 study_transfer() {
-  local LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios 10 --lm-batch "$EVAL_BATCH")
+  local LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios 10 --lm-batch "$EVAL_BATCH" ${REDRAFTS:+--redrafts "$REDRAFTS"})
   stage study-transfer $PY emodistill.py study-transfer --out "$RUN" --steps "$STEPS" --seeds "$EVAL_SEEDS" \
     ${LM_FLAGS[@]+"${LM_FLAGS[@]}"} $FORCE_FLAG     # (an empty array under set -u, old bash too)
 }

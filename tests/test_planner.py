@@ -141,9 +141,10 @@ def test_offer_fidelity_on_hand_made_transcripts():
 
 def test_move_outcomes_count_each_planned_turn_once():
     offer34, accept41 = {"move": "offer", "offer": 34.0}, {"move": "accept", "offer": 41.0}
-    turns = [_turn(offer34, 34.0), dict(_turn(accept41, None, accept=True), drafts=2),
+    missed_both = {"move": False, "emotion": False}
+    turns = [_turn(offer34, 34.0), dict(_turn(accept41, None, accept=True), drafts=2, first_draft=missed_both),
              _turn(offer34, 34.0, accept=True), dict(_turn(offer34, None), echo=True), _turn(offer34, None),
-             dict(_turn(offer34, 36.0), drafts=3),
+             dict(_turn(offer34, 36.0), drafts=3, perceived="joy"),      # redrafted, the first draft played
              dict(_turn(accept41, None), echo=True), _turn(accept41, 30.0),
              {"speaker": "focal", "text": "no plan", "offer": 20.0, "accept": False}]
     assert [report.move_outcome(t) for t in turns] == list(report.MOVE_OUTCOMES) + [None]
@@ -151,9 +152,15 @@ def test_move_outcomes_count_each_planned_turn_once():
     lines = report.move_outcome_lines({"emodistill": {"records": [rec, rec]},
                                        "teacher-iql": {"records": [{"domain": "crad", "turns": turns[-1:]}]}},
                                       ["emodistill", "teacher-iql"])
-    # 16 turns, 2 followed at the first draft, 4 redrafted (one followed, one not), then the outcomes
-    assert lines[4] == "| emodistill | 16 | 2 | 4 | 2 | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"
+    # 16 turns; the first draft did the move in 2 (the rewritten accept's first draft did not);
+    # it carried the emotion in 12 of 16 (the rewritten accept's first draft and the joyful one
+    # did not); 4 redrafted; then the outcomes of the replies played
+    assert lines[4] == "| emodistill | 16 | 2 | 12 of 16 | 4 | 2 | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"
     assert len(lines) == 6                                       # no row for a method without planned turns
+    # a rewrite played for its emotion: the first draft did the move, and that still counts
+    turns[0] = dict(turns[0], drafts=2, first_draft={"move": True, "emotion": False})
+    assert report.move_outcome_lines({"emodistill": {"records": [rec]}}, ["emodistill"])[4].startswith(
+        "| emodistill | 8 | 1 | 5 of 8 | 3 |")
 
 
 def test_restating_their_number_when_told_to_accept_is_counted_as_an_echo(cfg):
@@ -220,19 +227,22 @@ def _redraft_episodes(cfg):
 
 
 def test_a_reply_that_misses_the_planned_move_is_redrafted_and_counted(cfg):
-    script = [["I can do 34 days."],                                      # done at once: never redrafted
-              ["41 days is a lot.", "Maybe 35 days.", "Fine, I can do 34 days."],   # an echo; another number, done
-              ["41 days is what we need.", "Still 41 days.", "No."]]     # told to accept; never does
+    script = [["I am furious. I can do 34 days."],                        # done at once: never redrafted
+              ["I am furious: 41 days is a lot.", "Maybe 35 days.", "Fine, I can do 34 days."],   # an echo; done
+              ["Livid. 41 days is what we need.", "Still 41 days.", "No."]]     # told to accept; never does
     agent = ScriptedLM(cfg, [list(s) for s in script], redrafts=2)
     eps = _redraft_episodes(cfg)
     replies = agent.act(eps, ["anger"] * 3)
     assert agent.rounds == [(3, None), (4, 0.7)]       # greedy first, then the misses x 2, sampled, in one call
-    assert [r.text for r in replies] == ["I can do 34 days.", "Fine, I can do 34 days.", "41 days is what we need."]
+    assert [r.text for r in replies] == [script[0][0], "Fine, I can do 34 days.", script[2][0]]
     assert [r.drafts for r in replies] == [1, 3, 3]
+    # the rewrite played (the move, not the emotion) records what the first draft did
+    assert [r.first for r in replies] == [None, {"move": False, "emotion": True}, None]
     for ep, r in zip(eps, replies):
         ng._apply(ep, "focal", r, cfg, ng.Perceiver(cfg.emotions), "anger")
     assert [ng.move_followed(ep.turns[-1]) for ep in eps] == [True, True, False]
     assert [ep.turns[-1].get("drafts", 1) for ep in eps] == [1, 3, 3]
+    assert eps[1].turns[-1]["first_draft"] == {"move": False, "emotion": True} and "first_draft" not in eps[2].turns[-1]
     # no redrafts: the first drafts are played as written, the echo included
     agent = ScriptedLM(cfg, [list(s) for s in script], redrafts=0)
     assert [r.text for r in agent.act(_redraft_episodes(cfg), ["anger"] * 3)] == [s[0] for s in script]
@@ -242,6 +252,25 @@ def test_a_reply_that_misses_the_planned_move_is_redrafted_and_counted(cfg):
         agent = ScriptedLM(cfg, [list(s) for s in script], redrafts=2, **kw)
         agent.act(_redraft_episodes(cfg), ["anger"] * 3)
         assert agent.rounds == [(3, None)]
+
+
+def test_a_reply_without_the_requested_emotion_is_redrafted_the_move_first(cfg):
+    """The world perceives no anger in a first draft that does the move: it is written again, and
+    a rewrite that does both is played; a rewrite with the emotion but not the move never is; with
+    no rewrite doing both, the first draft stays. An emotion-free agent checks the move only."""
+    script = [["I can do 34 days.", "Sure, 40 days.", "I am furious. I can do 34 days."],  # the third does both
+              ["I can do 34 days.", "I am livid, 50 days!", "Angry? 35 days."],          # none does both
+              ["I am furious, but I agree to 41 days."]]                                  # both at once
+    agent = ScriptedLM(cfg, [list(s) for s in script], redrafts=2)
+    replies = agent.act(_redraft_episodes(cfg), ["anger"] * 3)
+    assert agent.rounds == [(3, None), (4, 0.7)]
+    assert [r.text for r in replies] == [script[0][2], script[1][0], script[2][0]]
+    assert [r.drafts for r in replies] == [3, 3, 1]
+    assert [r.first for r in replies] == [{"move": True, "emotion": False}, None, None]
+    agent = ScriptedLM(cfg, [list(s) for s in script], redrafts=2)
+    agent.emotion_free = True
+    replies = agent.act(_redraft_episodes(cfg), ["anger"] * 3)
+    assert agent.rounds == [(3, None)] and [r.text for r in replies] == [s[0] for s in script]
 
 
 def test_redrafts_sample_through_the_key_value_decoder(cfg, tiny_lm):

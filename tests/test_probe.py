@@ -20,9 +20,11 @@ def student(tiny_student):
 
 def test_probe_counts_rates_and_filters_by_move(corpus, student, capsys):
     got = probe.probe(corpus=str(corpus), student=student, states=8, max_new_tokens=6, domains_file=DOMAINS_FILE)
-    assert set(got) == {"offer_fidelity", "emotion_match", "judge_score", "first_draft_fidelity"}
+    assert set(got) == {"offer_fidelity", "emotion_match", "judge_score", "first_draft_fidelity",
+                        "first_draft_emotion_match"}
     assert 0 <= got["offer_fidelity"] <= 1 and 0 <= got["emotion_match"] <= 1 and 1 <= got["judge_score"] <= 10
     assert got["first_draft_fidelity"] == got["offer_fidelity"]      # no redrafts: the first draft is played
+    assert got["first_draft_emotion_match"] == got["emotion_match"]
     out = capsys.readouterr().out
     assert "[probe] all       n   8" in out and "first draft" not in out
     probe.probe(corpus=str(corpus), student=student, states=4, max_new_tokens=6, move="accept",

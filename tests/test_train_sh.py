@@ -1,5 +1,6 @@
 """train.sh end to end on a tiny random student: both lanes side by side (JOBS=2), the report
 from every method, the stage times, a re-run that skips everything, and a lane that fails."""
+import json
 import os
 import re
 import subprocess
@@ -11,7 +12,8 @@ METHODS = "teacher-random,vanilla,iql,iql+sft,emodistill,jpo-emotion-free"
 
 def _train(run, student, **env):
     e = dict(os.environ, RUN=str(run), STUDENT=str(student), JOBS="2", SEEDS="1", STEPS="20", SFT_MAX="4",
-             SFT_EPOCHS="1", JPO_SCEN="1", JPO_GROUP="2", METHODS=METHODS, EMODISTILL_NO_PROGRESS="1")
+             SFT_EPOCHS="1", JPO_SCEN="1", JPO_GROUP="2", METHODS=METHODS, EMODISTILL_NO_PROGRESS="1",
+             REDRAFTS="1")      # a random tiny model misses every move: one rewrite keeps the redraft path cheap
     e.update(env)
     return subprocess.run(["bash", os.path.join(ROOT, "train.sh")], env=e, capture_output=True, text=True,
                           timeout=900)
@@ -28,6 +30,8 @@ def test_two_lanes_make_every_method_and_a_rerun_skips(tmp_path, tiny_student):
     for m in METHODS.split(","):
         assert f"| {m} | 80 |" in report, m
         assert (run / "eval" / f"{m}.json").exists()
+    settings = {m: json.loads((run / "eval" / f"{m}.json").read_text())["settings"] for m in ("emodistill", "iql")}
+    assert settings["emodistill"]["redrafts"] == 1 and "redrafts" not in settings["iql"]      # REDRAFTS reached eval
     # the report checks the paper's four orderings, each over the four domains
     section = report[report.index("## The paper's orderings"):]
     for pair in ("emodistill ≥ iql+sft", "iql+sft ≥ iql", "iql ≥ vanilla", "emodistill > jpo-emotion-free"):
