@@ -81,7 +81,7 @@ eval_some() {  # eval_some LIST [NAME]: evaluate the methods of LIST that are in
 
 # ----------------------------------------------------------------------------------------
 # The stages, one function each: what it makes, and roughly what it costs (quick profile on
-# 2 CPU cores; the times are runs/v9 in docs/notebook.md, entry 36, two lanes side by side)
+# 2 CPU cores; the times are runs/v11 in docs/notebook.md, entry 40, two lanes side by side)
 # ----------------------------------------------------------------------------------------
 
 # SimTeacher vs SimCounterparty on the 80 training scenarios of each of the 4 domains, a
@@ -99,7 +99,7 @@ iql() { stage iql $PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLA
 # LoRA (r=16 on q,k,v,o) on the student, imitating the focal turns with the top 10% IQL
 # advantage, the prompt exactly as at inference, loss on the response only. quick: a sample of
 # SFT_MAX of them, 2 epochs (3 follow the plan a little better and do not fit in 45 minutes, notebook
-# entry 38), ~100 training tokens/s on one core (58 steps, ~17 min). -> $RUN/sft/
+# entry 38), ~87 training tokens/s on one core (58 steps, ~23 min). -> $RUN/sft/
 sft() {
   stage sft $PY emodistill.py sft --out "$RUN" --offers "$OFFERS" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
     --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
@@ -125,8 +125,8 @@ jpo_emotion_free() {
 }
 # eval: the methods on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS, the same
 # counterparty draws for every method -> $RUN/eval/<method>.json. LM rows take minutes each on
-# a CPU (runs/v9, each lane on one core: vanilla 9 min, iql,iql+sft 17 min,
-# emodistill,jpo-emotion-free 13 min). The other methods: teacher-* rows use the
+# a CPU (runs/v11, each lane on one core: vanilla 12 min, iql,iql+sft 26 min,
+# emodistill,jpo-emotion-free 25 min; an adapter row redrafts a missed move or emotion). The other methods: teacher-* rows use the
 # SimTeacher as the expresser (about a minute with the best-fixed choice); random, best-fixed
 # and sft-emotion-free are LM rows when asked for.
 eval_others() { eval_some "$(others)" "eval others"; }
