@@ -56,6 +56,7 @@ STUDIES=${STUDIES:-$D_STUDIES}            # optional studies after eval: emotion
 TOURNEY_SCEN=${TOURNEY_SCEN:-$D_TOURNEY_SCEN}  # held-out scenarios per domain in each tournament game
 TRANSFER_LM=${TRANSFER_LM:-$D_TRANSFER_LM}     # 1: the transfer study also trains an SFT adapter per domain
                                           # and plays the student with it on every domain (LM rows)
+TRANSFER_SCEN=${TRANSFER_SCEN:-10}        # held-out scenarios per domain in each of those LM cells
 FORCE_FLAG=""; [ "${FORCE:-0}" = "1" ] && FORCE_FLAG="--force"
 PY=${PYTHON:-python3}
 start=$(date +%s)
@@ -140,10 +141,10 @@ study_emotions() {
   stage study-emotions $PY emodistill.py study-emotions --out "$RUN" --seeds "$EVAL_SEEDS" $FORCE_FLAG
 }
 # transfer: one IQL selector per domain tested on every domain (sim, ~1 min per domain); with
-# TRANSFER_LM=1 also an SFT adapter per domain and the student with selector + adapter on 10
+# TRANSFER_LM=1 also an SFT adapter per domain and the student with selector + adapter on TRANSFER_SCEN (10)
 # held-out scenarios of every domain (~28 min more at STEPS=10000)
 study_transfer() {
-  local LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios 10 --lm-batch "$EVAL_BATCH" ${REDRAFTS:+--redrafts "$REDRAFTS"})
+  local LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios "$TRANSFER_SCEN" --lm-batch "$EVAL_BATCH" ${REDRAFTS:+--redrafts "$REDRAFTS"})
   stage study-transfer $PY emodistill.py study-transfer --out "$RUN" --steps "$STEPS" --seeds "$EVAL_SEEDS" \
     ${LM_FLAGS[@]+"${LM_FLAGS[@]}"} $FORCE_FLAG     # (an empty array under set -u, old bash too)
 }

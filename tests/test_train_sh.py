@@ -54,19 +54,18 @@ def test_two_lanes_make_every_method_and_a_rerun_skips(tmp_path, tiny_student):
     assert "is complete; skipping" in log                 # the adapters are not retrained
     assert "[train.sh] sft-emotion-free done in " in again.stdout
 
-    # without an emotion-free row in METHODS its adapters are not made (nor checked)
-    fewer = _train(run, tiny_student, METHODS="teacher-random,emodistill")
-    assert fewer.returncode == 0, fewer.stderr[-3000:]
-    assert "[train.sh] sft done in " in fewer.stdout and "[train.sh] jpo done in " in fewer.stdout
-    assert "emotion-free" not in fewer.stdout
-
-    # the transfer study with the student's adapters, on the finished run
-    study = _train(run, tiny_student, STUDIES="transfer", TRANSFER_LM="1")
+    # without an emotion-free row in METHODS its adapters are not made (nor checked); in the same
+    # call, the transfer study with the student's adapters (2 scenarios a cell), on the finished run
+    study = _train(run, tiny_student, METHODS="teacher-random,emodistill", STUDIES="transfer", TRANSFER_LM="1",
+                   TRANSFER_SCEN="2")
     assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
+    assert "[train.sh] sft done in " in study.stdout and "[train.sh] jpo done in " in study.stdout
+    assert "emotion-free" not in study.stdout
     report = (run / "results.md").read_text()
     assert "<!-- study:transfer -->" in report and "--adapters --student" in report
     assert "| all domains (iql.pt + sft/) |" in report[report.index("Student ("):]
     assert "[train.sh] study-transfer done in " in study.stdout
+    assert "on 2 held-out scenarios" in study.stdout             # TRANSFER_SCEN reached the study
 
 
 def test_a_failing_lane_stops_the_run_with_its_log(tmp_path, tiny_student):
