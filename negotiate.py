@@ -677,7 +677,7 @@ class LMAgent:
             return replies
         wanted = [None if self.emotion_free else e for e in emotions]
         graded = [self.grade(ep, r, e) for ep, r, e in zip(eps, replies, wanted)]
-        missed = [i for i, g in enumerate(graded) if g is not None and not all(v for v in g.values() if v is not None)]
+        missed = [i for i, g in enumerate(graded) if g is not None and (not g["move"] or g["emotion"] is False)]
         if not missed:
             return replies
         rows = [i for i in missed for _ in range(self.redrafts)]     # each miss, redrafts times
