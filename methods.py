@@ -85,9 +85,10 @@ STUDENT_TEMPERATURE = 0.0
 # a trained student's reply that does not do the planned move, or that the world does not perceive as
 # the requested emotion, is written this many times more, sampled (LMAgent.redrafts); rows of the base
 # model (vanilla, iql) are played as they are. Chosen on validation scenarios 72-79 (docs/notebook.md,
-# entries 38 and 40): with an adapter of 2 SFT epochs, 64 episodes, offer fidelity 0.78 at the first
-# draft and 0.97 played; emotion match 0.78 played when only the move was redrafted, 0.90 with both.
-STUDENT_REDRAFTS = 3
+# entries 38, 40 and 41): with an adapter of 2 SFT epochs, 64 episodes, offer fidelity 0.78 at the first
+# draft and 0.97 played; emotion match 0.78 played when only the move was redrafted, 0.90 with both;
+# with 5 rewrites instead of 3, fidelity 0.985 and emotion match 0.93.
+STUDENT_REDRAFTS = 5
 
 
 def side_agent(method, cfg, out, doms, student, lm_batch, sample, seed, cache, best=None, offers="planned",

@@ -47,7 +47,7 @@ JOBS=${JOBS:-$D_JOBS}                     # 2 = two lanes side by side, each wit
 EVAL_SEEDS=${EVAL_SEEDS:-$D_EVAL_SEEDS}   # seeds per held-out scenario (20 scenarios x 4 domains each)
 EVAL_BATCH=${EVAL_BATCH:-128}           # LM episodes decoded together in eval (80 held-out episodes fit in one)
 REDRAFTS=${REDRAFTS:-}                    # an adapter row's reply that missed the planned move or the emotion is
-                                          # written this many times more; empty: methods.STUDENT_REDRAFTS (3)
+                                          # written this many times more; empty: methods.STUDENT_REDRAFTS (5)
 METHODS=${METHODS:-$D_METHODS}            # eval methods (quick leaves out the slow LM rows random,
                                           # best-fixed and sft-emotion-free; their teacher-* rows stay)
 STUDIES=${STUDIES:-$D_STUDIES}            # optional studies after eval: emotions,transfer,counterparties,tournament
