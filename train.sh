@@ -82,7 +82,7 @@ eval_some() {  # eval_some LIST [NAME]: evaluate the methods of LIST that are in
 
 # ----------------------------------------------------------------------------------------
 # The stages, one function each: what it makes, and roughly what it costs (quick profile on
-# 2 CPU cores; the times are runs/v11 in docs/notebook.md, entry 40, two lanes side by side)
+# 2 CPU cores; the times are runs/v12 in docs/notebook.md, entry 41, two lanes side by side)
 # ----------------------------------------------------------------------------------------
 
 # SimTeacher vs SimCounterparty on the 80 training scenarios of each of the 4 domains, a
@@ -126,8 +126,8 @@ jpo_emotion_free() {
 }
 # eval: the methods on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS, the same
 # counterparty draws for every method -> $RUN/eval/<method>.json. LM rows take minutes each on
-# a CPU (runs/v11, each lane on one core: vanilla 12 min, iql,iql+sft 26 min,
-# emodistill,jpo-emotion-free 25 min; an adapter row redrafts a missed move or emotion). The other methods: teacher-* rows use the
+# a CPU (runs/v12, each lane on one core: vanilla 11 min, iql,iql+sft 29 min,
+# emodistill,jpo-emotion-free 28 min; an adapter row redrafts a missed move or emotion). The other methods: teacher-* rows use the
 # SimTeacher as the expresser (about a minute with the best-fixed choice); random, best-fixed
 # and sft-emotion-free are LM rows when asked for.
 eval_others() { eval_some "$(others)" "eval others"; }
