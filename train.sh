@@ -100,7 +100,7 @@ iql() { stage iql $PY emodistill.py iql --out "$RUN" --steps "$STEPS" $FORCE_FLA
 # LoRA (r=16 on q,k,v,o) on the student, imitating the focal turns with the top 10% IQL
 # advantage, the prompt exactly as at inference, loss on the response only. quick: a sample of
 # SFT_MAX of them, 2 epochs (3 follow the plan a little better and do not fit in 45 minutes, notebook
-# entry 38), ~87 training tokens/s on one core (58 steps, ~23 min). -> $RUN/sft/
+# entry 38), ~89 training tokens/s on one core (58 steps, ~22 min). -> $RUN/sft/
 sft() {
   stage sft $PY emodistill.py sft --out "$RUN" --offers "$OFFERS" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
     --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
@@ -127,9 +127,9 @@ jpo_emotion_free() {
 # eval: the methods on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS, the same
 # counterparty draws for every method -> $RUN/eval/<method>.json. LM rows take minutes each on
 # a CPU (runs/v12, each lane on one core: vanilla 11 min, iql,iql+sft 29 min,
-# emodistill,jpo-emotion-free 28 min; an adapter row redrafts a missed move or emotion). The other methods: teacher-* rows use the
-# SimTeacher as the expresser (about a minute with the best-fixed choice); random, best-fixed
-# and sft-emotion-free are LM rows when asked for.
+# emodistill,jpo-emotion-free 28 min; an adapter row redrafts a missed move or emotion). The
+# other methods: teacher-* rows use the SimTeacher as the expresser (about a minute with the
+# best-fixed choice); random, best-fixed and sft-emotion-free are LM rows when asked for.
 eval_others() { eval_some "$(others)" "eval others"; }
 # the report from every method (all cached by now) -> $RUN/results.md (and PNG plots when
 # matplotlib is installed); seconds
