@@ -26,8 +26,8 @@ import emomas
 import negotiate as ng
 import report
 from domains import SIDES, TEST_IDS, TRAIN_IDS, DomainConfigError, check_emotions, load_config, make_scenarios, pick_domains
-from methods import (ADAPTER_METHODS, STUDENT_REDRAFTS, STUDENT_TEMPERATURE, TEACHER_METHODS, adapter_folder,
-                     adapter_sha, best_fixed_emotions, chooser, play, side_agent, uses_selector)
+from methods import (ADAPTER_METHODS, STUDENT_MAX_NEW_TOKENS, STUDENT_REDRAFTS, STUDENT_TEMPERATURE, TEACHER_METHODS,
+                     adapter_folder, adapter_sha, best_fixed_emotions, chooser, play, side_agent, uses_selector)
 from models import lm_cost, load_lm, make_agent, make_judge
 from runs import (PartialJsonl, StageError, domains_sha, machine_facts, mark_complete, need, parse_ids, prepare_out,
                   progress_bar, read_json, read_jsonl, settings_diff, sha, step_bar, write_json_atomic)
@@ -303,13 +303,13 @@ def train_sft(out="runs/default", domains_file="domains.yaml", side="focal", stu
 
 def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", student="smollm2", emotion_free=False,
               offers="planned", name=None, jpo_mode="resample", states_per_domain=8, group_size=4, states_per_step=2,
-              epochs=2.0, lr=2e-4,
-              clip_eps=0.2, kl_coef=0.04, batch_size=8, grad_accum=1, seed=0, on_bad_line="error", force=False):
+              epochs=2.0, lr=2e-4, clip_eps=0.2, kl_coef=0.04, batch_size=8, grad_accum=1,
+              max_new_tokens=STUDENT_MAX_NEW_TOKENS, seed=0, on_bad_line="error", force=False):
     """JPO of the SFT adapter -> runs/NAME/<name>/. A group is one state (domain, scenario,
     focal turn index). jpo_mode offline (the paper): `group_size` judged corpus turns of each
     state, with their stored scores. resample: `group_size` replies a state sampled from the
     current policy, each scored by the rubric judge after one simulated counterparty reply
-    (negotiate.judge_reply), `states_per_step` states a step."""
+    (negotiate.judge_reply), `states_per_step` states a step, each reply at most `max_new_tokens`."""
     import functools
 
     import torch
@@ -328,7 +328,7 @@ def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", stu
                          f"`emodistill.py sft{' --emotion-free' if emotion_free else ''}` first")
     hp = jpo.JPOConfig(clip_eps=clip_eps, kl_coef=kl_coef, lr=lr, epochs=epochs, batch_size=batch_size,
                        grad_accum=grad_accum, seed=seed, mode=jpo_mode, group_size=group_size,
-                       states_per_step=states_per_step)
+                       states_per_step=states_per_step, max_new_tokens=max_new_tokens)
     settings = {"student": student, "emotion_free": emotion_free, "offers": offers, "config": asdict(hp),
                 "states_per_domain": states_per_domain,
                 "sft_sha": sha(os.path.join(init, "adapter_model.safetensors")),
@@ -396,11 +396,12 @@ def train_jpo(out="runs/default", domains_file="domains.yaml", side="focal", stu
 def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", methods=",".join(TEACHER_METHODS),
              domains=ALL_DOMAINS, seeds=5, select_seeds=3, student="smollm2", counterparty="sim", persona=None,
              sample=False, seed=0, scenario_seed=0, scenarios_csv=None, split="test", eval_dir="eval", lm_batch=64,
-             offers="planned", temperature=STUDENT_TEMPERATURE, redrafts=STUDENT_REDRAFTS, write_report=True,
-             force=False):
+             offers="planned", temperature=STUDENT_TEMPERATURE, redrafts=STUDENT_REDRAFTS,
+             max_new_tokens=STUDENT_MAX_NEW_TOKENS, write_report=True, force=False):
     """Run methods on held-out scenarios (80-99) x seeds; write eval/<method>.json and results.md.
     `redrafts`: how many times a trained student (an adapter row) may rewrite a reply that missed
-    the planned move or the requested emotion (methods.STUDENT_REDRAFTS)."""
+    the planned move or the requested emotion (methods.STUDENT_REDRAFTS); `max_new_tokens`: the
+    cap on each student reply (methods.STUDENT_MAX_NEW_TOKENS)."""
     cfg = load_config(domains_file, side=side)
     doms = pick_domains(cfg, domains)
     csv_shas = emomas.use_csv_scenarios(scenarios_csv, cfg, doms, out, scenario_seed, domains_file)
@@ -421,6 +422,7 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
                     "student": None if m.startswith("teacher-") else student, "sample": sample,
                     "offers": None if m.startswith("teacher-") else offers,
                     "temperature": None if m.startswith("teacher-") else temperature,
+                    "max_new_tokens": None if m.startswith("teacher-") else max_new_tokens,
                     "best_fixed": best if "best-fixed" in m else None, "domains_file_sha": dsha,
                     "selector_sha": sha(iql_path) if uses_selector(m) and os.path.exists(iql_path) else None,
                     "adapter_sha": adapter_sha(out, m)}
@@ -438,7 +440,7 @@ def evaluate(out="runs/default", domains_file="domains.yaml", side="focal", meth
                 continue
             print(f"[eval] {m}: {path} was made with other settings (or another selector); re-running")
         focal, policy = side_agent(m, cfg, out, doms, student, lm_batch, sample, seed, cache, best, offers,
-                                   temperature, redrafts)
+                                   temperature, redrafts, max_new_tokens)
         cp = make_agent(counterparty, "counterparty", cfg, seed + 1, lm_batch, model_cache=cache)
         t0 = time.time()
         recs = play(cfg, doms, TEST_IDS if split == "test" else TRAIN_IDS, seeds, focal, cp, policy, seed, persona,
@@ -576,10 +578,10 @@ def build_parser():
             ("--group-size", dict(type=int, help="turns per state group: corpus turns drawn (offline) or replies "
                                   "sampled (resample)")),
             ("--states-per-step", dict(type=int, help="resample: states whose sampled groups make one optimiser step")),
-            ("--clip-eps", dict(type=float)), ("--kl-coef", dict(type=float)))
+            ("--clip-eps", dict(type=float)), ("--kl-coef", dict(type=float)), MAX_NEW_FLAG)
     command("eval", evaluate, "evaluate methods on held-out scenarios", EVAL_FLAGS + ["offers"],
             ("--temperature", dict(type=float, help="the student's sampling temperature (0 = greedy)")),
-            ("--redrafts", dict(type=int, help="rewrites of an adapter row's reply that missed the planned move or emotion")),
+            REDRAFTS_FLAG, MAX_NEW_FLAG,
             ("--no-report", dict(dest="write_report", action="store_false", help="only write eval/<method>.json "
                                  "(train.sh runs methods side by side this way, then one eval of all writes results.md)")))
     studies.add_commands(command, _positive)
@@ -591,6 +593,9 @@ def build_parser():
 
 
 # the shared flags of eval and of the studies that run eval
+REDRAFTS_FLAG = ("--redrafts", dict(type=int, help="rewrites of an adapter row's reply that missed the planned move or "
+                                    "emotion"))
+MAX_NEW_FLAG = ("--max-new-tokens", dict(type=_positive, help="the cap on each student reply, in tokens"))
 EVAL_FLAGS = ["out", "run", "seed", "domains", "student", "lm_batch", "csv", "scenarios", "eval"]
 
 

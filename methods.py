@@ -89,19 +89,25 @@ STUDENT_TEMPERATURE = 0.0
 # draft and 0.97 played; emotion match 0.78 played when only the move was redrafted, 0.90 with both;
 # with 5 rewrites instead of 3, fidelity 0.985 and emotion match 0.93.
 STUDENT_REDRAFTS = 5
+# the cap on a student reply, in tokens: the adapters write 25-27 (median) and end on their own; the base
+# model (vanilla, iql) runs to the cap in ~80% of its replies (docs/notebook.md, entry 40). A larger model
+# or another prompt may need more; a smaller cap only makes tiny-model smoke runs faster.
+STUDENT_MAX_NEW_TOKENS = 48
 
 
 def side_agent(method, cfg, out, doms, student, lm_batch, sample, seed, cache, best=None, offers="planned",
-               temperature=STUDENT_TEMPERATURE, redrafts=STUDENT_REDRAFTS):
+               temperature=STUDENT_TEMPERATURE, redrafts=STUDENT_REDRAFTS, max_new_tokens=STUDENT_MAX_NEW_TOKENS):
     """The focal-role expresser of `method` and its emotion policy (None = emotion-free): the
     SimTeacher for teacher-*, else the student LM with the method's adapter from run folder
-    `out`, whose iql.pt the policy uses. `redrafts` apply to the adapter rows only."""
+    `out`, whose iql.pt the policy uses. `redrafts` apply to the adapter rows only;
+    `max_new_tokens` caps each reply."""
     policy = policy_for(method, out, doms, sample, best or {})
     if method.startswith("teacher-"):
         return ng.SimTeacher(cfg), policy
     return make_agent(student, "focal", cfg, seed, lm_batch, emotion_free=policy is None,
                       model_cache=cache, adapter=adapter_folder(out, method), offers=offers,
-                      temperature=temperature, redrafts=redrafts if method in ADAPTER_METHODS else 0), policy
+                      temperature=temperature, redrafts=redrafts if method in ADAPTER_METHODS else 0,
+                      max_new_tokens=max_new_tokens), policy
 
 
 def play(cfg, doms, ids, seeds, focal, cp, policy, run_seed, persona=None, scenario_seed=0):

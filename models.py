@@ -100,10 +100,11 @@ def lm_cost(agent):
 
 
 def make_agent(spec, role, cfg, seed=0, batch_size=32, emotion_free=False, model_cache=None, adapter=None,
-               offers="planned", temperature=0.7, redrafts=0):
+               offers="planned", temperature=0.7, redrafts=0, max_new_tokens=48):
     """Agent from a command-line spec: sim | smollm2 | hf:<id or path> | api:<model>.
     `adapter`: a LoRA adapter folder loaded onto (a private copy of) the LM and merged.
-    `redrafts`: an LM's rewrites of a reply that missed the planned move (LMAgent)."""
+    `redrafts`: an LM's rewrites of a reply that missed the planned move (LMAgent).
+    `max_new_tokens`: an LM's cap on each reply, in tokens."""
     if spec == "sim":
         return ng.SimTeacher(cfg) if role == "focal" else ng.SimCounterparty(cfg)
     if spec.startswith("api:"):
@@ -120,7 +121,8 @@ def make_agent(spec, role, cfg, seed=0, batch_size=32, emotion_free=False, model
             cache[(key, adapter)] = (model, tok)
         model, tok = cache[(key, adapter)]
         return ng.LMAgent(model, tok, cfg, role=role, batch_size=batch_size, emotion_free=emotion_free, seed=seed,
-                          offers=offers, temperature=temperature, redrafts=redrafts)
+                          offers=offers, temperature=temperature, redrafts=redrafts,
+                          max_new_tokens=max_new_tokens)
     raise ValueError(f"unknown agent spec '{spec}' (use sim, smollm2, hf:<model>, api:<model>)")
 
 

@@ -16,8 +16,8 @@ import emodistill
 import negotiate as ng
 import report
 from domains import EMOTIONS, TEST_IDS, load_config, pick_domains
-from methods import (STUDENT_REDRAFTS, STUDENT_TEMPERATURE, adapter_sha, play, policy_for, side_agent,
-                     uses_selector)
+from methods import (STUDENT_MAX_NEW_TOKENS, STUDENT_REDRAFTS, STUDENT_TEMPERATURE, adapter_sha, play, policy_for,
+                     side_agent, uses_selector)
 from models import lm_cost, make_agent
 from report import fmt
 from runs import StageError, domains_sha, parse_ids, progress_bar, read_json, sha, write_json_atomic
@@ -147,7 +147,8 @@ def side_settings(method, out):
 
 def tournament(out="runs/default", cp_run=None, domains_file="domains.yaml", side="focal",
                methods="vanilla,iql,emodistill", cp_methods="vanilla,iql,emodistill", domains=ALL_DOMAINS,
-               scenarios_per_domain=20, seeds=1, seed=0, student="smollm2", sample=False, lm_batch=128, force=False):
+               scenarios_per_domain=20, seeds=1, seed=0, student="smollm2", sample=False, lm_batch=128,
+               max_new_tokens=STUDENT_MAX_NEW_TOKENS, force=False):
     """Trained-vs-trained round robin (the paper's tournament study): every focal method of
     `out` against every counterparty method of `cp_run`, a run made with `--side counterparty`
     (the same pipeline with the roles swapped), on held-out scenarios of each domain. The
@@ -176,7 +177,7 @@ def tournament(out="runs/default", cp_run=None, domains_file="domains.yaml", sid
         for cm in cms:
             path = os.path.join(folder, f"{fm}__vs__{cm}.json".replace(":", "_"))
             settings = {"domains": doms, "ids": ids, "seeds": seeds, "seed": seed, "student": student,
-                        "domains_file_sha": domains_sha(domains_file),
+                        "max_new_tokens": max_new_tokens, "domains_file_sha": domains_sha(domains_file),
                         "cp_domains_file_sha": want, "sample": sample,
                         "focal": side_settings(fm, out), "counterparty": side_settings(cm, cp_run)}
             cached = read_json(path) if os.path.exists(path) and not force else {}
@@ -184,8 +185,10 @@ def tournament(out="runs/default", cp_run=None, domains_file="domains.yaml", sid
                 table[fm, cm] = cached["records"]
                 print(f"[tournament] {fm} vs {cm}: cached in {path}")
                 continue
-            focal, policy = side_agent(fm, cfg, out, doms, student, lm_batch, sample, seed, cache)
-            cp_agent, cp_policy = side_agent(cm, cp_cfg, cp_run, doms, student, lm_batch, sample, seed + 1, cache)
+            focal, policy = side_agent(fm, cfg, out, doms, student, lm_batch, sample, seed, cache,
+                                       max_new_tokens=max_new_tokens)
+            cp_agent, cp_policy = side_agent(cm, cp_cfg, cp_run, doms, student, lm_batch, sample, seed + 1, cache,
+                                             max_new_tokens=max_new_tokens)
             cp = ng.MirroredAgent(cp_agent, cp_cfg, cp_policy)
             t1 = time.time()
             recs = play(cfg, doms, ids, seeds, focal, cp, policy, seed)
@@ -222,8 +225,8 @@ def tournament(out="runs/default", cp_run=None, domains_file="domains.yaml", sid
 
 def study_transfer(out="runs/default", domains_file="domains.yaml", side="focal", domains=ALL_DOMAINS, steps=5000,
                    seeds=5, seed=0, adapters=False, student="smollm2", lm_scenarios=5, lm_seeds=1,
-                   sft_max_examples=16, sft_epochs=2.0, lm_batch=128, redrafts=STUDENT_REDRAFTS, on_bad_line="error",
-                   force=False):
+                   sft_max_examples=16, sft_epochs=2.0, lm_batch=128, redrafts=STUDENT_REDRAFTS,
+                   max_new_tokens=STUDENT_MAX_NEW_TOKENS, on_bad_line="error", force=False):
     """Cross-domain transfer of the emotion selector: one IQL selector per domain, trained on
     that domain's part of the judged corpus only, then played (SimTeacher as expresser, sim
     counterparty) on the held-out scenarios of every domain. On a foreign domain the selector
@@ -284,8 +287,8 @@ def study_transfer(out="runs/default", domains_file="domains.yaml", side="focal"
     lm_util = None
     if adapters:
         lm_util = _transfer_adapters(cfg, out, domains_file, side, doms, models, lines, student, lm_scenarios,
-                                     lm_seeds, sft_max_examples, sft_epochs, lm_batch, redrafts, seed, on_bad_line,
-                                     force)
+                                     lm_seeds, sft_max_examples, sft_epochs, lm_batch, redrafts, max_new_tokens, seed,
+                                     on_bad_line, force)
     path = report.study_section(out, "transfer", lines)
     write_json_atomic(os.path.join(folder, "transfer.json"), {"utility": util, "seeds": seeds, "steps": steps,
                                                               "lm_utility": lm_util})
@@ -294,7 +297,7 @@ def study_transfer(out="runs/default", domains_file="domains.yaml", side="focal"
 
 
 def _transfer_adapters(cfg, out, domains_file, side, doms, models, lines, student, lm_scenarios, lm_seeds,
-                       sft_max_examples, sft_epochs, lm_batch, redrafts, seed, on_bad_line, force):
+                       sft_max_examples, sft_epochs, lm_batch, redrafts, max_new_tokens, seed, on_bad_line, force):
     """The student's side of transfer: per domain an SFT adapter trained on that domain's top
     turns (ranked by that domain's selector), then selector + adapter (the iql+sft method) played
     by the student on the first `lm_scenarios` held-out scenarios of every domain. Each adapter
@@ -322,11 +325,11 @@ def _transfer_adapters(cfg, out, domains_file, side, doms, models, lines, studen
                     "selector_sha": sha(selector), "student": student, "lm_batch": lm_batch,
                     "scenarios": ids, "seeds": lm_seeds, "seed": seed, "domains": doms,
                     "domains_file_sha": domains_sha(domains_file, side), "temperature": STUDENT_TEMPERATURE,
-                    "redrafts": redrafts, "redraft_rule": ng.REDRAFT_RULE}
+                    "redrafts": redrafts, "redraft_rule": ng.REDRAFT_RULE, "max_new_tokens": max_new_tokens}
         got = read_json(cache) if os.path.exists(cache) and not force else None
         if got is None or got.get("settings") != settings:
             agent = make_agent(student, "focal", cfg, seed=seed, batch_size=lm_batch, adapter=adapter,
-                               temperature=STUDENT_TEMPERATURE, redrafts=redrafts)
+                               temperature=STUDENT_TEMPERATURE, redrafts=redrafts, max_new_tokens=max_new_tokens)
             print(f"[study-transfer] {row}: student + adapter {adapter} on {len(ids)} held-out scenarios "
                   f"x {lm_seeds} seeds of {len(doms)} domains")
             recs = play(cfg, doms, set(ids), lm_seeds, agent, cp, policy, seed)
@@ -346,7 +349,7 @@ def _transfer_adapters(cfg, out, domains_file, side, doms, models, lines, studen
 def add_commands(command, positive):
     """The studies' subcommands, through emodistill.build_parser's `command`."""
     command("study-counterparties", study_counterparties, "methods against unseen counterparties",
-            emodistill.EVAL_FLAGS,
+            emodistill.EVAL_FLAGS + ["offers"], emodistill.REDRAFTS_FLAG, emodistill.MAX_NEW_FLAG,
             ("--counterparties", dict(help="extra counterparty agent specs, e.g. smollm2,api:<model>")),
             ("--name", dict(help="name of the study section in results.md")))
     command("study-emotions", study_emotions, "each of the 28 emotions held fixed for whole episodes",
@@ -364,7 +367,7 @@ def add_commands(command, positive):
             ("--sft-max-examples", dict(type=positive, help="SFT examples per domain adapter")),
             ("--sft-epochs", dict(type=float)),
             ("--redrafts", dict(type=int, help="rewrites of the student's reply that missed the planned move or "
-                                "emotion (adapter cells)")))
+                                "emotion (adapter cells)")), emodistill.MAX_NEW_FLAG)
     command("tournament", tournament, "trained focal methods vs trained counterparty-side methods",
             ["out", "run", "seed", "domains", "student", "lm_batch"],
             ("--cp-run", dict(required=True, help="run folder of the counterparty side (made with --side counterparty)")),
@@ -372,4 +375,5 @@ def add_commands(command, positive):
             ("--cp-methods", dict(help="counterparty-side methods")),
             ("--scenarios-per-domain", dict(type=positive, help="held-out scenarios used, from 80")),
             ("--seeds", dict(type=positive, help="seeds per scenario")),
-            ("--sample", dict(action="store_true", help="sample the selectors' emotions instead of greedy")))
+            ("--sample", dict(action="store_true", help="sample the selectors' emotions instead of greedy")),
+            emodistill.MAX_NEW_FLAG)

@@ -48,6 +48,8 @@ EVAL_SEEDS=${EVAL_SEEDS:-$D_EVAL_SEEDS}   # seeds per held-out scenario (20 scen
 EVAL_BATCH=${EVAL_BATCH:-128}           # LM episodes decoded together in eval (80 held-out episodes fit in one)
 REDRAFTS=${REDRAFTS:-}                    # an adapter row's reply that missed the planned move or the emotion is
                                           # written this many times more; empty: methods.STUDENT_REDRAFTS (5)
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-}        # the cap on a student reply in eval and JPO sampling, in tokens; empty:
+                                          # methods.STUDENT_MAX_NEW_TOKENS (48)
 METHODS=${METHODS:-$D_METHODS}            # eval methods (quick leaves out the slow LM rows random,
                                           # best-fixed and sft-emotion-free; their teacher-* rows stay)
 STUDIES=${STUDIES:-$D_STUDIES}            # optional studies after eval: emotions,transfer,counterparties,tournament
@@ -73,7 +75,9 @@ LANE_ROWS=vanilla,iql,iql+sft,emodistill,jpo-emotion-free              # the eva
 others() {  # the methods of METHODS that are not lane rows, comma-separated
   local out="" m; for m in ${METHODS//,/ }; do member "$m" "$LANE_ROWS" || out="$out${out:+,}$m"; done; echo "$out"
 }
-EVAL=(--out "$RUN" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" --student "$STUDENT" --offers "$OFFERS" ${REDRAFTS:+--redrafts "$REDRAFTS"})
+CAP=(${MAX_NEW_TOKENS:+--max-new-tokens "$MAX_NEW_TOKENS"})   # (empty: each command's default)
+EVAL=(--out "$RUN" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" --student "$STUDENT" --offers "$OFFERS" ${REDRAFTS:+--redrafts "$REDRAFTS"}
+      ${CAP[@]+"${CAP[@]}"})
 eval_some() {  # eval_some LIST [NAME]: evaluate the methods of LIST that are in METHODS (results
                # cached in $RUN/eval/), no report; the stage is called NAME or "eval <methods>"
   local ms="" m; for m in ${1//,/ }; do member "$m" "$METHODS" && ms="$ms${ms:+,}$m"; done
@@ -110,7 +114,7 @@ sft() {
 # JPO_EPOCHS passes (quick: 16 turns). -> $RUN/jpo/
 jpo() {
   stage jpo $PY emodistill.py jpo --out "$RUN" --offers "$OFFERS" --jpo-mode "$JPO_MODE" --states-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
-    --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
+    --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" ${CAP[@]+"${CAP[@]}"} $FORCE_FLAG
 }
 # the ablation: sft and jpo without the emotion block in the prompt (the turns ranked with the
 # same IQL; about the cost of sft and jpo) -> $RUN/sft-emotion-free/, $RUN/jpo-emotion-free/
@@ -122,7 +126,8 @@ sft_emotion_free() {
 jpo_emotion_free() {
   member jpo-emotion-free "$METHODS" || return 0
   stage jpo-emotion-free $PY emodistill.py jpo --out "$RUN" --offers "$OFFERS" --jpo-mode "$JPO_MODE" --emotion-free --states-per-domain "$JPO_SCEN" \
-    --group-size "$JPO_GROUP" --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" $FORCE_FLAG
+    --group-size "$JPO_GROUP" --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" \
+    ${CAP[@]+"${CAP[@]}"} $FORCE_FLAG
 }
 # eval: the methods on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS, the same
 # counterparty draws for every method -> $RUN/eval/<method>.json. LM rows take minutes each on
@@ -144,14 +149,14 @@ study_emotions() {
 # TRANSFER_LM=1 also an SFT adapter per domain and the student with selector + adapter on TRANSFER_SCEN (10)
 # held-out scenarios of every domain (~28 min more at STEPS=10000)
 study_transfer() {
-  local LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios "$TRANSFER_SCEN" --lm-batch "$EVAL_BATCH" ${REDRAFTS:+--redrafts "$REDRAFTS"})
+  local LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios "$TRANSFER_SCEN" --lm-batch "$EVAL_BATCH" ${REDRAFTS:+--redrafts "$REDRAFTS"}
+                                               ${CAP[@]+"${CAP[@]}"})
   stage study-transfer $PY emodistill.py study-transfer --out "$RUN" --steps "$STEPS" --seeds "$EVAL_SEEDS" \
     ${LM_FLAGS[@]+"${LM_FLAGS[@]}"} $FORCE_FLAG     # (an empty array under set -u, old bash too)
 }
 # counterparties: every eval method against each domain's held-out persona (LM rows: minutes each)
 study_counterparties() {
-  stage study-counterparties $PY emodistill.py study-counterparties --out "$RUN" --methods "$METHODS" \
-    --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" $FORCE_FLAG
+  stage study-counterparties $PY emodistill.py study-counterparties --methods "$METHODS" "${EVAL[@]}" $FORCE_FLAG
 }
 # tournament: the same pipeline with the roles swapped (--side counterparty: the debtor, the
 # survivor, the patient and the student are the trained side) in $RUN/cp, then every focal
@@ -165,10 +170,10 @@ study_tournament() {
   stage cp-sft $PY emodistill.py sft "${CP[@]}" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
     --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT"
   stage cp-jpo $PY emodistill.py jpo "${CP[@]}" --jpo-mode "$JPO_MODE" --states-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
-    --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT"
+    --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" ${CAP[@]+"${CAP[@]}"}
   stage tournament $PY emodistill.py tournament --out "$RUN" --cp-run "$RUN/cp" --methods vanilla,iql,emodistill \
     --cp-methods vanilla,iql,emodistill --scenarios-per-domain "$TOURNEY_SCEN" --seeds "$EVAL_SEEDS" \
-    --lm-batch "$EVAL_BATCH" --student "$STUDENT" $FORCE_FLAG
+    --lm-batch "$EVAL_BATCH" --student "$STUDENT" ${CAP[@]+"${CAP[@]}"} $FORCE_FLAG
 }
 
 # ----------------------------------------------------------------------------------------

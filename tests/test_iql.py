@@ -1,6 +1,7 @@
 """IQL: losses against hand-computed values, in-sample targets, masking, a synthetic task where
 the best emotion depends on the state, checkpoints, and a CLI smoke run."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -103,13 +104,14 @@ def test_iql_cli_smoke_and_checkpoint_guard(tmp_path, capsys):
     assert "complete" in capsys.readouterr().out
     with pytest.raises(iql.CheckpointMismatch, match="domains"):
         iql.load(os.path.join(out, "iql.pt"), ["crad"])
-    assert emodistill.main(["eval", "--out", out, "--seeds", "1", "--select-seeds", "1"]) == 0
+    # (two domains: choosing best-fixed plays every emotion on every training scenario of each)
+    assert emodistill.main(["eval", "--out", out, "--seeds", "1", "--select-seeds", "1", "--domains", "crad,student"]) == 0
     text = open(os.path.join(out, "results.md")).read()
     for m in emodistill.TEACHER_METHODS:
         assert f"| {m} | 20 |" in text
 
 
-def test_eval_with_a_language_model_student(tmp_path, tiny_lm):
+def test_eval_with_a_language_model_student(tmp_path, tiny_lm, capsys):
     """The LM methods of eval (emotion-free vanilla, the IQL selector driving the student)
     run end to end on a tiny random Llama saved as a local model folder."""
     model, tok = tiny_lm
@@ -121,13 +123,19 @@ def test_eval_with_a_language_model_student(tmp_path, tiny_lm):
     assert emodistill.main(["judge", "--out", out]) == 0
     assert emodistill.main(["iql", "--out", out, "--steps", "50"]) == 0
     assert emodistill.main(["eval", "--out", out, "--methods", "vanilla,iql", "--student", f"hf:{student}",
-                            "--domains", "crad", "--seeds", "1"]) == 0
+                            "--domains", "crad", "--seeds", "1", "--max-new-tokens", "8"]) == 0   # (it never ends a reply)
     import json
     van = json.load(open(os.path.join(out, "eval", "vanilla.json")))
     sel = json.load(open(os.path.join(out, "eval", "iql.json")))
     assert len(van["records"]) == len(sel["records"]) == 20
     assert all(t.get("emotion") is None for r in van["records"] for t in r["turns"] if t["speaker"] == "focal")
     assert all(t["emotion"] in iql.EMOTIONS for r in sel["records"] for t in r["turns"] if t["speaker"] == "focal")
+    # the cap reached the decoder: the random model never ends a reply, so each row generated
+    # exactly 8 tokens a focal turn (48 without the cap)
+    generated = [int(g) for g in re.findall(r"generated (\d+)", capsys.readouterr().out)]
+    turns = [sum(t["speaker"] == "focal" for r in res["records"] for t in r["turns"]) for res in (van, sel)]
+    assert generated == [8 * n for n in turns], (generated, turns)
+    assert van["settings"]["max_new_tokens"] == sel["settings"]["max_new_tokens"] == 8
 
 
 # ----------------------------------------------------------------------------------------

@@ -114,7 +114,9 @@ def test_every_teacher_phrase_is_perceived_as_its_emotion(cfg):
             assert perceive(s.format(offer="30 days")) == "neutral", s
 
 
-def _mean_utility(cfg, dom, policy, seeds=2):
+def _mean_utility(cfg, dom, policy, seeds=1):
+    # (one seed on each of the 80 training scenarios: the schedule wins by 0.13-0.19 in every
+    # domain with 1 seed and with 2, against the 0.05 asked below)
     eps = [ng.new_episode(dom, sc, k) for sc in domains.make_scenarios(dom)[:80] for k in range(seeds)]
     ng.run_episodes(cfg, eps, ng.SimTeacher(cfg), ng.SimCounterparty(cfg), policy)
     return float(np.mean([ng.outcome(ep)["utility"] for ep in eps]))

@@ -466,7 +466,7 @@ def test_sft_jpo_eval_stages_on_a_tiny_model(tmp_path, tiny_lm, capsys, kill_aft
     free = [json.loads(x) for x in open(os.path.join(out, "sft-emotion-free_data.jsonl"))]
     assert not any("Emotional approach" in r["prompt"] for r in free)
     jp = ["--student", student, "--states-per-domain", "1", "--group-size", "2", "--epochs", "1",
-          "--batch-size", "4"]
+          "--batch-size", "4", "--max-new-tokens", "8"]
     assert run(["jpo", "--out", out, *jp]) == 0
     assert run(["jpo", "--out", out, *jp, "--emotion-free"]) == 0
     stats = json.load(open(os.path.join(out, "jpo", "train_stats.json")))
@@ -482,14 +482,15 @@ def test_sft_jpo_eval_stages_on_a_tiny_model(tmp_path, tiny_lm, capsys, kill_aft
     capsys.readouterr()
     methods = "vanilla,iql,iql+sft,sft-emotion-free,emodistill,jpo-emotion-free"
     assert run(["eval", "--out", out, "--student", student, "--methods", methods, "--domains", "crad",
-                "--seeds", "1", "--redrafts", "1"]) == 0      # (a random tiny model misses every move: one rewrite)
+                "--seeds", "1", "--redrafts", "1", "--max-new-tokens", "8"]) == 0
+    # (a random tiny model misses every move and never ends a reply: one rewrite, 8 tokens a reply)
     text = open(os.path.join(out, "results.md")).read()
     for m in methods.split(","):
         assert f"| {m} | 20 |" in text
     assert "offer in range %" in text and "emotion match %" in text
     # a re-run with the same adapters is served from the cache; a changed adapter is re-evaluated
     assert run(["eval", "--out", out, "--student", student, "--methods", "emodistill", "--domains", "crad",
-                "--seeds", "1", "--redrafts", "1"]) == 0
+                "--seeds", "1", "--redrafts", "1", "--max-new-tokens", "8"]) == 0
     assert "cached" in capsys.readouterr().out
 
 

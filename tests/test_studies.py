@@ -74,7 +74,7 @@ def test_study_transfer_with_adapters_on_a_tiny_student(tmp_path, tiny_lm, capsy
                             "--batch-size", "2"]) == 0
     argv = ["study-transfer", "--out", out, "--domains", "crad,student", "--steps", "30", "--seeds", "1",
             "--adapters", "--student", student, "--lm-scenarios", "2", "--sft-max-examples", "4", "--sft-epochs", "1",
-            "--redrafts", "1"]
+            "--redrafts", "1", "--max-new-tokens", "8"]     # (a random tiny model never ends a reply)
     assert emodistill.main(argv) == 0
     for src in ("crad", "student"):
         with open(os.path.join(out, "transfer", f"sft-{src}_data.jsonl")) as f:

@@ -132,7 +132,7 @@ def test_tournament_on_a_tiny_model(tmp_path, tiny_lm, capsys):
     assert crad and all(r["s0"] > r["b0"] and r["focal_prefers"] == "higher" for r in crad)   # the debtor's side
     argv = ["tournament", "--out", f, "--cp-run", c, "--methods", "teacher-iql,vanilla,iql",
             "--cp-methods", "vanilla,iql", "--student", student, "--domains", "crad,student",
-            "--scenarios-per-domain", "2"]
+            "--scenarios-per-domain", "2", "--max-new-tokens", "8"]   # (a random tiny model never ends a reply)
     assert run(argv) == 0
     md = open(os.path.join(f, "studies", "tournament.md")).read()
     rows = {ln.split(" | ")[0][2:]: ln for ln in md.splitlines() if ln.startswith("| ") and " / " in ln}

@@ -13,7 +13,8 @@ METHODS = "teacher-random,vanilla,iql,iql+sft,emodistill,jpo-emotion-free"
 def _train(run, student, **env):
     e = dict(os.environ, RUN=str(run), STUDENT=str(student), JOBS="2", SEEDS="1", STEPS="20", SFT_MAX="4",
              SFT_EPOCHS="1", JPO_SCEN="1", JPO_GROUP="2", METHODS=METHODS, EMODISTILL_NO_PROGRESS="1",
-             REDRAFTS="1")      # a random tiny model misses every move: one rewrite keeps the redraft path cheap
+             REDRAFTS="1",      # a random tiny model misses every move: one rewrite keeps the redraft path cheap
+             MAX_NEW_TOKENS="8")    # nor does it ever end a reply: 8 tokens instead of 48 a reply
     e.update(env)
     return subprocess.run(["bash", os.path.join(ROOT, "train.sh")], env=e, capture_output=True, text=True,
                           timeout=900)
@@ -32,6 +33,8 @@ def test_two_lanes_make_every_method_and_a_rerun_skips(tmp_path, tiny_student):
         assert (run / "eval" / f"{m}.json").exists()
     settings = {m: json.loads((run / "eval" / f"{m}.json").read_text())["settings"] for m in ("emodistill", "iql")}
     assert settings["emodistill"]["redrafts"] == 1 and "redrafts" not in settings["iql"]      # REDRAFTS reached eval
+    assert settings["emodistill"]["max_new_tokens"] == settings["iql"]["max_new_tokens"] == 8   # so did MAX_NEW_TOKENS,
+    assert json.loads((run / "jpo.json").read_text())["config"]["max_new_tokens"] == 8     # and JPO's sampling
     # the report checks the paper's four orderings, each over the four domains
     section = report[report.index("## The paper's orderings"):]
     for pair in ("emodistill ≥ iql+sft", "iql+sft ≥ iql", "iql ≥ vanilla", "emodistill > jpo-emotion-free"):
