@@ -75,9 +75,8 @@ LANE_ROWS=vanilla,iql,iql+sft,emodistill,jpo-emotion-free              # the eva
 others() {  # the methods of METHODS that are not lane rows, comma-separated
   local out="" m; for m in ${METHODS//,/ }; do member "$m" "$LANE_ROWS" || out="$out${out:+,}$m"; done; echo "$out"
 }
-CAP=(${MAX_NEW_TOKENS:+--max-new-tokens "$MAX_NEW_TOKENS"})   # (empty: each command's default)
 EVAL=(--out "$RUN" --seeds "$EVAL_SEEDS" --lm-batch "$EVAL_BATCH" --student "$STUDENT" --offers "$OFFERS" ${REDRAFTS:+--redrafts "$REDRAFTS"}
-      ${CAP[@]+"${CAP[@]}"})
+      ${MAX_NEW_TOKENS:+--max-new-tokens "$MAX_NEW_TOKENS"})
 eval_some() {  # eval_some LIST [NAME]: evaluate the methods of LIST that are in METHODS (results
                # cached in $RUN/eval/), no report; the stage is called NAME or "eval <methods>"
   local ms="" m; for m in ${1//,/ }; do member "$m" "$METHODS" && ms="$ms${ms:+,}$m"; done
@@ -114,7 +113,7 @@ sft() {
 # JPO_EPOCHS passes (quick: 16 turns). -> $RUN/jpo/
 jpo() {
   stage jpo $PY emodistill.py jpo --out "$RUN" --offers "$OFFERS" --jpo-mode "$JPO_MODE" --states-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
-    --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" ${CAP[@]+"${CAP[@]}"} $FORCE_FLAG
+    --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" ${MAX_NEW_TOKENS:+--max-new-tokens "$MAX_NEW_TOKENS"} $FORCE_FLAG
 }
 # the ablation: sft and jpo without the emotion block in the prompt (the turns ranked with the
 # same IQL; about the cost of sft and jpo) -> $RUN/sft-emotion-free/, $RUN/jpo-emotion-free/
@@ -127,7 +126,7 @@ jpo_emotion_free() {
   member jpo-emotion-free "$METHODS" || return 0
   stage jpo-emotion-free $PY emodistill.py jpo --out "$RUN" --offers "$OFFERS" --jpo-mode "$JPO_MODE" --emotion-free --states-per-domain "$JPO_SCEN" \
     --group-size "$JPO_GROUP" --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" \
-    ${CAP[@]+"${CAP[@]}"} $FORCE_FLAG
+    ${MAX_NEW_TOKENS:+--max-new-tokens "$MAX_NEW_TOKENS"} $FORCE_FLAG
 }
 # eval: the methods on the 20 held-out scenarios (80-99) of every domain x EVAL_SEEDS, the same
 # counterparty draws for every method -> $RUN/eval/<method>.json. LM rows take minutes each on
@@ -150,7 +149,7 @@ study_emotions() {
 # held-out scenarios of every domain (~28 min more at STEPS=10000)
 study_transfer() {
   local LM_FLAGS=(); [ "$TRANSFER_LM" != 1 ] || LM_FLAGS=(--adapters --student "$STUDENT" --lm-scenarios "$TRANSFER_SCEN" --lm-batch "$EVAL_BATCH" ${REDRAFTS:+--redrafts "$REDRAFTS"}
-                                               ${CAP[@]+"${CAP[@]}"})
+                                               ${MAX_NEW_TOKENS:+--max-new-tokens "$MAX_NEW_TOKENS"})
   stage study-transfer $PY emodistill.py study-transfer --out "$RUN" --steps "$STEPS" --seeds "$EVAL_SEEDS" \
     ${LM_FLAGS[@]+"${LM_FLAGS[@]}"} $FORCE_FLAG     # (an empty array under set -u, old bash too)
 }
@@ -170,10 +169,10 @@ study_tournament() {
   stage cp-sft $PY emodistill.py sft "${CP[@]}" --max-examples "$SFT_MAX" --epochs "$SFT_EPOCHS" \
     --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT"
   stage cp-jpo $PY emodistill.py jpo "${CP[@]}" --jpo-mode "$JPO_MODE" --states-per-domain "$JPO_SCEN" --group-size "$JPO_GROUP" \
-    --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" ${CAP[@]+"${CAP[@]}"}
+    --epochs "$JPO_EPOCHS" --batch-size "$MICRO" --grad-accum "$ACCUM" --student "$STUDENT" ${MAX_NEW_TOKENS:+--max-new-tokens "$MAX_NEW_TOKENS"}
   stage tournament $PY emodistill.py tournament --out "$RUN" --cp-run "$RUN/cp" --methods vanilla,iql,emodistill \
     --cp-methods vanilla,iql,emodistill --scenarios-per-domain "$TOURNEY_SCEN" --seeds "$EVAL_SEEDS" \
-    --lm-batch "$EVAL_BATCH" --student "$STUDENT" ${CAP[@]+"${CAP[@]}"} $FORCE_FLAG
+    --lm-batch "$EVAL_BATCH" --student "$STUDENT" ${MAX_NEW_TOKENS:+--max-new-tokens "$MAX_NEW_TOKENS"} $FORCE_FLAG
 }
 
 # ----------------------------------------------------------------------------------------
